@@ -1,0 +1,205 @@
+"""Beamstream settings: environment variables over an optional TOML file over defaults.
+
+Every setting has one name, used as ``BEAMSTREAM_<NAME>`` in the environment and
+as ``<name>`` (lower case) in the config file. Anything not set falls back to the
+local cluster and embedded defaults, so a fresh clone needs no configuration.
+Secrets (SASL password) are read from the environment or from a file, never
+from the command line, and never appear in ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from beamstream.errors import SettingError
+
+ENV_PREFIX = "BEAMSTREAM_"
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "beamstream"
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "beamstream"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration. Build it with :func:`load_settings`."""
+
+    #: Kafka bootstrap servers; empty means "the local cluster this machine runs".
+    bootstrap_servers: str = ""
+    #: Port of the local cluster's client listener (its controller uses port + 1).
+    local_kafka_port: int = 39092
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    #: Confluent-compatible Schema Registry; empty means Avro single-object encoding.
+    schema_registry_url: str = ""
+    #: SQLAlchemy URL of the ISPyB database; empty means the demo's SQLite file.
+    ispyb_url: str = ""
+    #: Directories image events may point into (os.pathsep-separated in the environment).
+    data_roots: tuple[str, ...] = ()
+    #: Prefix of every topic name, so several deployments can share one cluster.
+    topic_prefix: str = "beamstream."
+    image_partitions: int = 12
+    replication_factor: int = 1
+    #: Where the local cluster keeps its data and logs.
+    home: Path = field(default_factory=_default_home)
+    #: Where downloaded artifacts (Kafka jars) are cached.
+    cache_dir: Path = field(default_factory=_default_cache)
+
+    @property
+    def uses_local_cluster(self) -> bool:
+        """True when no external cluster is configured and the launcher manages one."""
+        return not self.bootstrap_servers
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        """The bootstrap servers clients connect to."""
+        return self.bootstrap_servers or f"127.0.0.1:{self.local_kafka_port}"
+
+    @property
+    def database_url(self) -> str:
+        """The ISPyB database URL, defaulting to a SQLite file under ``home``."""
+        return self.ispyb_url or f"sqlite:///{self.home / 'ispyb.sqlite'}"
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """librdkafka (confluent-kafka) client options for the configured cluster."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.sasl_username
+            config["sasl.password"] = self.sasl_password
+        for key, value in (
+            ("ssl.ca.location", self.ssl_cafile),
+            ("ssl.certificate.location", self.ssl_certfile),
+            ("ssl.key.location", self.ssl_keyfile),
+        ):
+            if value:
+                config[key] = value
+        return config
+
+
+_INT_RANGES = {
+    "local_kafka_port": (1, 65534),
+    "image_partitions": (1, 10_000),
+    "replication_factor": (1, 100),
+}
+
+
+def _convert(name: str, raw: Any, source: str) -> Any:
+    """Turn a raw string/TOML value into the setting's type, naming the setting on error."""
+    where = f"{ENV_PREFIX}{name.upper()}" if source == "env" else f"{source}: {name}"
+    if name in _INT_RANGES:
+        low, high = _INT_RANGES[name]
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise SettingError(f"{where}: expected an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise SettingError(f"{where}: must be between {low} and {high}, got {value}")
+        return value
+    if name in ("home", "cache_dir"):
+        return Path(str(raw)).expanduser()
+    if name == "data_roots":
+        items = raw.split(os.pathsep) if isinstance(raw, str) else list(raw)
+        return tuple(str(Path(p).expanduser()) for p in items if str(p).strip())
+    if not isinstance(raw, str):
+        raise SettingError(f"{where}: expected a string, got {raw!r}")
+    if name == "security_protocol":
+        value = raw.upper()
+        if value not in SECURITY_PROTOCOLS:
+            raise SettingError(f"{where}: must be one of {', '.join(SECURITY_PROTOCOLS)}, got {raw!r}")
+        return value
+    if name == "sasl_mechanism" and raw:
+        value = raw.upper()
+        if value not in SASL_MECHANISMS:
+            raise SettingError(f"{where}: must be one of {', '.join(SASL_MECHANISMS)}, got {raw!r}")
+        return value
+    if name == "bootstrap_servers" and raw:
+        for server in raw.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise SettingError(f"{where}: expected host:port[,host:port...], got {raw!r}")
+    if name == "schema_registry_url" and raw and not raw.startswith(("http://", "https://")):
+        raise SettingError(f"{where}: expected an http:// or https:// URL, got {raw!r}")
+    return raw
+
+
+def _config_file(environ: Mapping[str, str]) -> Path | None:
+    explicit = environ.get(f"{ENV_PREFIX}CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise SettingError(f"{ENV_PREFIX}CONFIG: no such file {str(path)!r}")
+        return path
+    for candidate in (Path("beamstream.toml"), Path.home() / ".config" / "beamstream" / "config.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Resolve settings: keyword overrides, then ``BEAMSTREAM_*`` variables, then the
+    config file (``$BEAMSTREAM_CONFIG``, ``./beamstream.toml`` or
+    ``~/.config/beamstream/config.toml``), then defaults.
+
+    Raises :class:`SettingError` naming the setting when a value is invalid.
+    """
+    environ = os.environ if environ is None else environ
+    names = {f.name for f in fields(Settings)}
+    values: dict[str, Any] = {}
+
+    path = _config_file(environ)
+    if path is not None:
+        try:
+            document = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingError(f"config file {path}: {exc}") from None
+        section = document.get("beamstream", document)
+        for key, raw in section.items():
+            if key not in names:
+                raise SettingError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _convert(key, raw, str(path))
+
+    for name in names:
+        raw = environ.get(f"{ENV_PREFIX}{name.upper()}")
+        if raw is not None:
+            values[name] = _convert(name, raw, "env")
+
+    password_file = environ.get(f"{ENV_PREFIX}SASL_PASSWORD_FILE")
+    if password_file and "sasl_password" not in values:
+        try:
+            values["sasl_password"] = Path(password_file).read_text().strip()
+        except OSError as exc:
+            raise SettingError(f"{ENV_PREFIX}SASL_PASSWORD_FILE: cannot read {password_file!r}: {exc.strerror}")
+
+    for name, raw in overrides.items():
+        if name not in names:
+            raise SettingError(f"unknown setting {name!r}")
+        values[name] = raw
+
+    settings = Settings(**values)
+    if settings.sasl_mechanism and not settings.security_protocol.startswith("SASL"):
+        raise SettingError(
+            f"{ENV_PREFIX}SASL_MECHANISM is set but {ENV_PREFIX}SECURITY_PROTOCOL is "
+            f"{settings.security_protocol}; use SASL_PLAINTEXT or SASL_SSL"
+        )
+    return settings
+
