@@ -1,0 +1,7 @@
+"""``python -m beamstream``: the same as the ``beamstream`` command."""
+
+import sys
+
+from beamstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""One valid example event of every record type: for the demo, docs and tests."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+
+_T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+_SAMPLES: dict[str, dict] = {
+    "CollectionStarted": {
+        "dcid": 1001, "beamline": "i03", "experiment_type": "grid", "number_of_images": 20,
+        "start_image_number": 1, "file_template": "/dls/i03/data/2026/cm1/grid/thau_1_####.cbf",
+        "grid": {"rows": 4, "columns": 5, "step_x_um": 20.0, "step_y_um": 20.0, "origin_x_mm": 0.1,
+                 "origin_y_mm": -0.2, "snaked": True, "plane": "xy"},
+        "sample_id": 77,
+        "detector": {"name": "PILATUS3 6M", "wavelength_A": 0.96859, "distance_mm": 351.0,
+                     "beam_center_x_px": 1261.61, "beam_center_y_px": 1306.96, "pixel_size_x_mm": 0.172,
+                     "pixel_size_y_mm": 0.172, "width_px": 2463, "height_px": 2527},
+        "exposure_time_s": 0.01, "oscillation_start_deg": 0.0, "oscillation_width_deg": 0.0,
+        "processing_job_id": None, "event_time": _T0,
+    },
+    "ImageArrived": {
+        "dcid": 1001, "image_number": 1, "file_path": "/dls/i03/data/2026/cm1/grid/thau_1_0001.cbf",
+        "frame_index": 0, "arrival_time": _T0, "source": "detector", "processing_job_id": None,
+    },
+    "CollectionEnded": {
+        "dcid": 1001, "images_collected": 20, "status": "success", "processing_job_id": None, "event_time": _T0,
+    },
+    "ImageResult": {
+        "dcid": 1001, "image_number": 1, "file_path": "/dls/i03/data/2026/cm1/grid/thau_1_0001.cbf",
+        "frame_index": 0, "processing_job_id": None, "n_spots_total": 120, "n_spots_no_ice": 110,
+        "n_spots_4A": 80, "total_intensity": 123456.0, "estimated_d_min": 1.9, "d_min_distl_method_1": 2.1,
+        "d_min_distl_method_2": 2.0, "noisiness_method_1": 0.1, "noisiness_method_2": 0.2,
+        "n_strong_pixels": 900,
+        "brightest_spots": [{"x_px": 1300.5, "y_px": 1200.25, "intensity": 5000.0, "d_A": 3.2}],
+        "read_time_s": 0.05, "analysis_time_s": 0.12, "event_time": _T0, "result_time": _T0,
+        "worker_id": "worker@host:1234", "analysis_backend": "numba",
+    },
+    "CollectionProgress": {
+        "dcid": 1001, "processing_job_id": None, "images_expected": 20, "images_analysed": 10,
+        "best_image": 7, "best_image_spots": 150, "event_time": _T0,
+    },
+    "CollectionSummary": {
+        "dcid": 1001, "processing_job_id": None, "experiment_type": "grid", "status": "complete",
+        "images_expected": 20, "images_analysed": 20, "missing_images": [], "best_image": 7,
+        "best_image_spots": 150, "total_spots": 900, "median_d_min": 2.2,
+        "xray_centre": {"centre_column": 2.4, "centre_row": 1.6, "centre_x_mm": 0.148, "centre_y_mm": -0.168,
+                        "min_column": 1, "max_column": 3, "min_row": 1, "max_row": 2, "n_positions": 6,
+                        "total_count": 800},
+        "heat_map": [0] * 5 + [0, 50, 150, 90, 0] + [0, 60, 120, 80, 0] + [0] * 5,
+        "centre_3d": None, "data_reduction_requested": False, "event_time": _T0,
+    },
+    "ProcessingRequest": {
+        "request_id": "5b0c1f9e-1f7e-4d8e-9a57-0d7d2c1a0001", "kind": "reprocess", "dcid": 1001,
+        "processing_job_id": 5, "recipe": "per-image-analysis", "parameters": {"d_min": "2.5"},
+        "image_ranges": [{"start": 1, "end": 20}], "requested_by": "staff", "event_time": _T0,
+    },
+    "DeadLetter": {
+        "reason": "image file /dls/i03/missing.cbf does not exist", "error_type": "ImageReadError",
+        "service": "image-analysis", "source_topic": "beamstream.images", "source_partition": 3,
+        "source_offset": 42, "key": b"1001", "payload": b"\xc3\x01not-really", "headers": [],
+        "attempts": 3, "reinjected_count": 0, "dcid": 1001, "image_number": 5, "failed_at": _T0,
+    },
+    "ServiceHeartbeat": {
+        "service_id": "worker@host:1234", "service_type": "worker", "host": "host", "pid": 1234,
+        "status": "running", "version": "0.1.0", "started_at": _T0, "sent_at": _T0,
+        "stats": {"images": 10.0, "rate_hz": 2.5},
+    },
+}
+
+
+def sample_event(name: str) -> dict:
+    """A fresh, valid example value of record type ``name``."""
+    return copy.deepcopy(_SAMPLES[name])
+
+
+def sample_names() -> list[str]:
+    """Record types that have an example."""
+    return sorted(_SAMPLES)
