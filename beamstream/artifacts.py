@@ -1,7 +1,8 @@
 """Download pinned Maven Central artifacts once into a user cache, verifying checksums.
 
-A lock file (JSON) lists every jar with its SHA-256. A jar whose checksum does
-not match is refused and removed, whether it came from the network or the cache.
+A lock file (JSON) lists every jar (or distribution archive, by ``classifier`` and
+``extension``) with its SHA-256. A file whose checksum does not match is refused
+and removed, whether it came from the network or the cache.
 """
 
 from __future__ import annotations
@@ -28,24 +29,32 @@ class ArtifactError(BeamstreamError):
 
 @dataclass(frozen=True)
 class Artifact:
-    """One pinned jar."""
+    """One pinned file: a jar by default, or ``<artifact>-<version>-<classifier>.<extension>``."""
 
     group: str
     artifact: str
     version: str
     sha256: str
     size: int = 0
+    classifier: str = ""
+    extension: str = "jar"
+
+    @property
+    def file_name(self) -> str:
+        classifier = f"-{self.classifier}" if self.classifier else ""
+        return f"{self.artifact}-{self.version}{classifier}.{self.extension}"
 
     @property
     def relative_path(self) -> str:
-        return f"{self.group.replace('.', '/')}/{self.artifact}/{self.version}/{self.artifact}-{self.version}.jar"
+        return f"{self.group.replace('.', '/')}/{self.artifact}/{self.version}/{self.file_name}"
 
 
 def load_lock(path: Path) -> tuple[str, list[Artifact]]:
     """Read a lock file; returns (repository URL, artifacts)."""
     document = json.loads(path.read_text())
     artifacts = [
-        Artifact(a["group"], a["artifact"], a["version"], a["sha256"], a.get("size", 0))
+        Artifact(a["group"], a["artifact"], a["version"], a["sha256"], a.get("size", 0),
+                 a.get("classifier", ""), a.get("extension", "jar"))
         for a in document["artifacts"]
     ]
     return document.get("repository", MAVEN_CENTRAL), artifacts
@@ -94,13 +103,13 @@ def fetch_artifacts(
         path = cache_dir / artifact.relative_path
         if not path.is_file():
             if progress:
-                print(f"  [{index + 1}/{len(artifacts)}] {artifact.artifact}-{artifact.version}", file=sys.stderr)
+                print(f"  [{index + 1}/{len(artifacts)}] {artifact.file_name}", file=sys.stderr)
             _download(f"{repository}/{artifact.relative_path}", path, timeout)
         actual = _sha256(path)
         if actual != artifact.sha256:
             path.unlink(missing_ok=True)
             raise ArtifactError(
-                f"checksum mismatch for {artifact.artifact}-{artifact.version}.jar: "
+                f"checksum mismatch for {artifact.file_name}: "
                 f"expected sha256 {artifact.sha256}, got {actual}; the file was removed"
             )
         paths.append(path)

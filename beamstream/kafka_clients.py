@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 
 from beamstream.settings import Settings
 
@@ -59,3 +60,8 @@ def make_consumer(
     }
     config.update(extra)
     return Consumer(config)
+
+
+def make_admin(settings: Settings, **extra: Any) -> AdminClient:
+    """An admin client for the configured cluster."""
+    return AdminClient({**settings.kafka_client_config(), "logger": _librdkafka_logger(), **extra})

@@ -48,6 +48,8 @@ class Settings:
     ssl_keyfile: str = ""
     #: Confluent-compatible Schema Registry; empty means Avro single-object encoding.
     schema_registry_url: str = ""
+    #: Port of the local schema registry (``beamstream.registry.LocalRegistry``) on loopback.
+    local_registry_port: int = 39102
     #: SQLAlchemy URL of the ISPyB database; empty means the demo's SQLite file.
     ispyb_url: str = ""
     #: Directories image events may point into (os.pathsep-separated in the environment).
@@ -98,6 +100,7 @@ class Settings:
 
 _INT_RANGES = {
     "local_kafka_port": (1, 65534),
+    "local_registry_port": (1, 65535),
     "image_partitions": (1, 10_000),
     "replication_factor": (1, 100),
 }
@@ -188,7 +191,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         try:
             values["sasl_password"] = Path(password_file).read_text().strip()
         except OSError as exc:
-            raise SettingError(f"{ENV_PREFIX}SASL_PASSWORD_FILE: cannot read {password_file!r}: {exc.strerror}")
+            raise SettingError(
+                f"{ENV_PREFIX}SASL_PASSWORD_FILE: cannot read {password_file!r}: {exc.strerror}"
+            ) from None
 
     for name, raw in overrides.items():
         if name not in names:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from beamstream.errors import BeamstreamError
+from beamstream.kafka_clients import make_admin
 from beamstream.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
@@ -81,12 +82,6 @@ class TopicChange:
     detail: str = ""
 
 
-def _admin(settings: Settings):
-    from confluent_kafka.admin import AdminClient
-
-    return AdminClient(settings.kafka_client_config())
-
-
 def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]:
     """Make the cluster's topics match the declarations; returns what changed."""
     from confluent_kafka import KafkaException
@@ -98,7 +93,7 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
         NewTopic,
     )
 
-    admin = _admin(settings)
+    admin = make_admin(settings)
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
@@ -158,7 +153,7 @@ def list_topics(settings: Settings, timeout: float = 30.0) -> list[dict]:
     from confluent_kafka import KafkaException
 
     try:
-        existing = _admin(settings).list_topics(timeout=timeout).topics
+        existing = make_admin(settings).list_topics(timeout=timeout).topics
     except KafkaException as exc:
         raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
     rows = []

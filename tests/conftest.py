@@ -1,0 +1,85 @@
+"""Shared fixtures: a real Kafka broker for the session, isolated topics per test.
+
+The broker is the project's own launcher (single-node KRaft on loopback) in a
+temporary home on free ports. Set BEAMSTREAM_TEST_BOOTSTRAP to run the tests
+against an existing cluster instead, or BEAMSTREAM_TEST_KAFKA=testcontainers to
+use a Kafka container where a Docker engine exists.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from beamstream.cluster import LocalCluster
+from beamstream.settings import Settings, load_settings
+from beamstream.topics import apply_topics
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p+1 are both free on loopback."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port >= 65000:
+            continue
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free pair of ports on 127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared real-data folder (never copied into the project)."""
+    if not DATA_DIR.is_dir():
+        pytest.fail(f"shared data folder {DATA_DIR} is missing")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory) -> Iterator[tuple[Settings, LocalCluster | None]]:
+    """A running broker for the whole session: (base settings, launcher or None if external)."""
+    external = os.environ.get("BEAMSTREAM_TEST_BOOTSTRAP")
+    if external:
+        yield load_settings(bootstrap_servers=external, home=tmp_path_factory.mktemp("home")), None
+        return
+    if os.environ.get("BEAMSTREAM_TEST_KAFKA") == "testcontainers":
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            yield load_settings(bootstrap_servers=container.get_bootstrap_server(),
+                                home=tmp_path_factory.mktemp("home")), None
+        return
+    settings = load_settings(home=tmp_path_factory.mktemp("home"), local_kafka_port=free_port_pair())
+    cluster = LocalCluster(settings)
+    cluster.up(progress=False)
+    try:
+        yield settings, cluster
+    finally:
+        cluster.down()
+
+
+@pytest.fixture
+def kafka_settings(kafka_cluster) -> Settings:
+    """Settings pointing at the session broker, with a topic prefix of this test's own, topics applied."""
+    base, _ = kafka_cluster
+    settings = load_settings(
+        bootstrap_servers=base.kafka_bootstrap,
+        home=base.home,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
+        image_partitions=4,
+    )
+    apply_topics(settings)
+    return settings
