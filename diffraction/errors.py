@@ -15,3 +15,15 @@ class FrameIndexError(DiffractionError):
 
 class GeometryError(DiffractionError):
     """Detector geometry that is missing, non-finite or inconsistent."""
+
+
+class SpotFindingError(DiffractionError):
+    """Spot finding refused a frame, e.g. far too many strong pixels (DIALS raises here too)."""
+
+
+class SpotFindingParameterError(DiffractionError, ValueError):
+    """Spot-finding parameters that DIALS would reject (kernel size, sigmas, spot sizes ...)."""
+
+
+class BackendUnavailableError(DiffractionError):
+    """A requested computation backend (e.g. ``dials``) cannot be imported on this machine."""
