@@ -29,6 +29,10 @@ def make_producer(settings: Settings, transactional_id: str | None = None, **ext
         "acks": "all",
         "linger.ms": 2,
         "compression.type": "lz4",
+        # The Java client's (and aiokafka's, so Faust's) partitioner: a dcid key lands
+        # on the same partition number whichever client wrote it, which keeps the
+        # dcid-keyed topics co-partitioned for the stream processors.
+        "partitioner": "murmur2_random",
         "logger": _librdkafka_logger(),
     }
     if transactional_id:

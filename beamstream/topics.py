@@ -42,7 +42,7 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
     return [
         TopicSpec("images", ("ImageArrived",), n, retained,
                   "One event per image, keyed by dcid; the work queue of the analysis workers."),
-        TopicSpec("collections", ("CollectionStarted", "CollectionEnded"), n,
+        TopicSpec("collections", ("CollectionStarted", "CollectionEnded", "CollectionCheck"), n,
                   {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
                   "Collection started/ended events, keyed by dcid."),
         TopicSpec("results", ("ImageResult",), n, retained,
@@ -59,6 +59,11 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec("deadletter", ("DeadLetter",), 3,
                   {"cleanup.policy": "delete", "retention.ms": str(90 * DAY_MS)},
                   "Messages no consumer could process, with the reason; inspect and reinject."),
+        # The workers' collection table (Faust app "<prefix>workers", table "collections"):
+        # declared here so it exists, compacted and co-partitioned, before any worker starts.
+        TopicSpec("workers-collections-changelog", (), n,
+                  {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                  "Changelog of the per-collection table (JSON state per collection); compacted."),
         TopicSpec("heartbeats", ("ServiceHeartbeat",), 1,
                   {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
                   "Latest heartbeat per service (compacted)."),

@@ -37,6 +37,9 @@ _SAMPLES: dict[str, dict] = {
         "read_time_s": 0.05, "analysis_time_s": 0.12, "event_time": _T0, "result_time": _T0,
         "worker_id": "worker@host:1234", "analysis_backend": "numba",
     },
+    "CollectionCheck": {
+        "dcid": 1001, "processing_job_id": None, "reason": "timeout", "event_time": _T0,
+    },
     "CollectionProgress": {
         "dcid": 1001, "processing_job_id": None, "images_expected": 20, "images_analysed": 10,
         "best_image": 7, "best_image_spots": 150, "event_time": _T0,

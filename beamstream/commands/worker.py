@@ -1,0 +1,69 @@
+"""``beamstream worker``: one analysis worker process (start as many as you like)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+
+from beamstream.errors import BeamstreamError
+from beamstream.logs import configure_json_logging
+from beamstream.settings import load_settings
+
+
+def register(subparsers) -> None:
+    """Add the ``worker`` command."""
+    parser = subparsers.add_parser(
+        "worker",
+        help="run an analysis worker (Faust, exactly-once)",
+        description="Consume image events, analyse each image, publish results, keep per-collection "
+        "tables and publish progress and one summary per collection. Start more workers to share the "
+        "partitions; stop one with SIGTERM (or Ctrl-C) for a clean shutdown. Logs are JSON lines.",
+    )
+    parser.add_argument("--analysis", choices=("real", "noop"), default="real",
+                        help="real: DIALS-compatible spot finding (default); noop: no analysis, for "
+                        "measuring the pipeline itself")
+    parser.add_argument("--backend", choices=("numba", "numpy", "dials"), default="numba",
+                        help="spot-finding implementation (default numba)")
+    parser.add_argument("--summary-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="after a collection ends, how long to wait for missing images (default 30)")
+    parser.add_argument("--retries", type=int, default=3, metavar="N",
+                        help="tries per image before it goes to the dead-letter topic (default 3)")
+    parser.add_argument("--retry-backoff", type=float, default=0.5, metavar="SECONDS",
+                        help="first retry delay, doubled each retry (default 0.5)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
+    parser.set_defaults(func=run)
+
+
+def build_pipeline(args: argparse.Namespace):
+    """The Pipeline the arguments describe (separate from running it, for tests and the demo)."""
+    from diffraction.analysis import SpotFindingParams
+    from streams.app import Pipeline, PipelineOptions
+    from streams.image_analysis import analyse_file, noop_analysis
+
+    if args.summary_timeout < 0 or args.retries < 1 or args.retry_backoff < 0:
+        raise BeamstreamError("--summary-timeout and --retry-backoff must be >= 0 and --retries >= 1")
+    analysis = noop_analysis
+    if args.analysis == "real":
+        analysis = functools.partial(analyse_file, params=SpotFindingParams(backend=args.backend))
+    options = PipelineOptions(summary_timeout_s=args.summary_timeout, retry_attempts=args.retries,
+                              retry_backoff_s=args.retry_backoff)
+    return Pipeline(load_settings(), analysis, options)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the worker until SIGTERM/SIGINT."""
+    from faust import Worker
+
+    level = getattr(logging, args.log_level.upper())
+    pipeline = build_pipeline(args)
+    configure_json_logging("worker", level)
+    worker = Worker(pipeline.app, loglevel=args.log_level, quiet=True, redirect_stdouts=False,
+                    override_logging=False)
+
+    @pipeline.app.on_before_shutdown.connect
+    def _on_shutdown(app, **kwargs) -> None:
+        pipeline.shutdown()
+
+    worker.execute_from_commandline()  # exits the process when the worker stops
+    return 0

@@ -1,0 +1,162 @@
+"""The producer API of the acquisition system (GDA / Bluesky): collection started,
+image(s) arrived, collection ended.
+
+Events are built as plain dicts by the functions below and published by an
+:class:`EventPublisher`: idempotent, and each batch atomically in one Kafka
+transaction, so a consumer never sees half of a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from beamstream.errors import BeamstreamError
+from beamstream.kafka_clients import make_producer
+from beamstream.settings import Settings
+from beamstream.topics import topic_name
+from schemas.keys import dcid_key
+from schemas.serde import Serde, make_serde
+
+#: Which topic each record type is published on.
+RECORD_TOPICS = {
+    "CollectionStarted": "collections",
+    "CollectionEnded": "collections",
+    "ImageArrived": "images",
+    "ProcessingRequest": "requests",
+}
+
+
+class EventError(BeamstreamError, ValueError):
+    """An event that cannot be built from the values given (the message says which)."""
+
+
+def now() -> datetime:
+    """The current time as an aware UTC datetime (what timestamp fields take)."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event to publish: its record type and value."""
+
+    record_type: str
+    value: dict
+
+    @property
+    def dcid(self) -> int:
+        return int(self.value["dcid"])
+
+
+def collection_started(
+    dcid: int,
+    *,
+    file_template: str,
+    number_of_images: int,
+    experiment_type: str = "rotation",
+    beamline: str = "",
+    start_image_number: int = 1,
+    grid: dict | None = None,
+    sample_id: int | None = None,
+    detector: dict | None = None,
+    exposure_time_s: float | None = None,
+    oscillation_start_deg: float | None = None,
+    oscillation_width_deg: float | None = None,
+    processing_job_id: int | None = None,
+) -> Event:
+    """A CollectionStarted event. ``grid`` takes the GridScan fields (rows, columns, step_x_um ...)."""
+    if number_of_images < 1:
+        raise EventError(f"number_of_images must be at least 1, got {number_of_images}")
+    if experiment_type == "grid" and grid is None:
+        raise EventError("a grid scan needs its grid (rows, columns, steps)")
+    if grid is not None and grid["rows"] * grid["columns"] != number_of_images:
+        raise EventError(
+            f"grid {grid['rows']}x{grid['columns']} does not match number_of_images {number_of_images}"
+        )
+    return Event("CollectionStarted", {
+        "dcid": dcid, "beamline": beamline, "experiment_type": experiment_type,
+        "number_of_images": number_of_images, "start_image_number": start_image_number,
+        "file_template": file_template, "grid": grid, "sample_id": sample_id, "detector": detector,
+        "exposure_time_s": exposure_time_s, "oscillation_start_deg": oscillation_start_deg,
+        "oscillation_width_deg": oscillation_width_deg, "processing_job_id": processing_job_id,
+        "event_time": now(),
+    })
+
+
+def image_arrived(
+    dcid: int,
+    image_number: int,
+    file_path: str,
+    frame_index: int = 0,
+    *,
+    source: str = "detector",
+    processing_job_id: int | None = None,
+) -> Event:
+    """An ImageArrived event for one image (1-based ``image_number``)."""
+    if image_number < 1:
+        raise EventError(f"image numbers start at 1, got {image_number}")
+    return Event("ImageArrived", {
+        "dcid": dcid, "image_number": image_number, "file_path": str(file_path),
+        "frame_index": frame_index, "arrival_time": now(), "source": source,
+        "processing_job_id": processing_job_id,
+    })
+
+
+def collection_ended(
+    dcid: int, images_collected: int, status: str = "success", processing_job_id: int | None = None
+) -> Event:
+    """A CollectionEnded event."""
+    return Event("CollectionEnded", {
+        "dcid": dcid, "images_collected": images_collected, "status": status,
+        "processing_job_id": processing_job_id, "event_time": now(),
+    })
+
+
+class EventPublisher:
+    """Publishes events atomically: each :meth:`publish` call is one Kafka transaction.
+
+    The transactional id defaults to one per process; two publishers given the
+    same id fence each other, which is what a restarted acquisition service wants.
+    """
+
+    def __init__(self, settings: Settings, transactional_id: str | None = None, serde: Serde | None = None):
+        self.settings = settings
+        self.serde = serde or make_serde(settings.schema_registry_url)
+        self.transactional_id = transactional_id or (
+            f"beamstream-producer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self._producer = make_producer(settings, transactional_id=self.transactional_id)
+        self._topics = {record: topic_name(settings, logical) for record, logical in RECORD_TOPICS.items()}
+
+    def publish(self, events: Iterable[Event], headers: Sequence[tuple[str, bytes]] = ()) -> int:
+        """Send ``events`` in one transaction; returns how many were sent. All or nothing."""
+        events = list(events)
+        if not events:
+            return 0
+        encoded = []
+        for event in events:  # encode everything first: a bad event aborts nothing half-sent
+            topic = self._topics[event.record_type]
+            encoded.append((topic, dcid_key(event.dcid), self.serde.encode(event.record_type, event.value, topic)))
+        self._producer.begin_transaction()
+        try:
+            for topic, key, value in encoded:
+                self._producer.produce(topic, value, key, headers=list(headers) or None)
+            self._producer.commit_transaction(60)
+        except BaseException:
+            self._producer.abort_transaction(30)
+            raise
+        return len(encoded)
+
+    def close(self) -> None:
+        """Flush and release the producer."""
+        self._producer.flush(30)
+
+    def __enter__(self) -> EventPublisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

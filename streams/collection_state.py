@@ -1,0 +1,245 @@
+"""Per-collection state: what the collection table holds, and how events change it.
+
+Pure functions over a small JSON-serialisable record; no Kafka. Every update is
+idempotent (a result for an image already seen changes nothing), so replays and
+redeliveries cannot count an image twice, and folding all results of a
+collection in any order gives the same state.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from diffraction.centring import GridShape, find_xray_centre
+
+#: d_min histogram: bins of 0.02 Å from 0.5 Å; the median is reported to a bin's centre.
+D_MIN_BIN_A = 0.02
+D_MIN_LOW_A = 0.5
+D_MIN_BINS = 500
+
+
+def state_key(dcid: int, processing_job_id: int | None) -> str:
+    """Table key: live processing and each reprocessing job of a collection are separate."""
+    return f"{dcid}:{processing_job_id if processing_job_id is not None else 'live'}"
+
+
+@dataclass
+class CollectionState:
+    """Everything the pipeline knows about one collection (or one reprocessing of it)."""
+
+    dcid: int
+    processing_job_id: int | None = None
+    started: bool = False
+    experiment_type: str = "other"
+    expected: int = 0
+    start_image_number: int = 1
+    grid: dict | None = None
+    sample_id: int | None = None
+    ended: bool = False
+    ended_at: float | None = None  # epoch seconds of the end event
+    images_collected: int | None = None
+    seen: bytearray = field(default_factory=bytearray)  # bitmap by image number
+    n_seen: int = 0
+    total_spots: int = 0
+    best_image: int | None = None
+    best_spots: int = -1
+    d_min_histogram: dict[int, int] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)  # image number -> spots (grids only)
+    summarized: bool = False
+    announced: int = 0  # n_seen at the last progress announcement
+
+    # -- bitmap -------------------------------------------------------------
+    def has_image(self, image_number: int) -> bool:
+        byte, bit = divmod(image_number, 8)
+        return byte < len(self.seen) and bool(self.seen[byte] & (1 << bit))
+
+    def _mark(self, image_number: int) -> None:
+        byte, bit = divmod(image_number, 8)
+        if byte >= len(self.seen):
+            self.seen.extend(bytes(byte + 1 - len(self.seen)))
+        self.seen[byte] |= 1 << bit
+
+    def image_numbers(self) -> list[int]:
+        """Image numbers with a result, ascending."""
+        bits = np.unpackbits(np.frombuffer(bytes(self.seen), dtype=np.uint8), bitorder="little")
+        return [int(i) for i in np.nonzero(bits)[0]]
+
+    # -- serialisation ------------------------------------------------------
+    def to_json(self) -> bytes:
+        """Compact JSON bytes (what the table's changelog carries)."""
+        record = asdict(self)
+        record["seen"] = base64.b64encode(bytes(self.seen)).decode()
+        record["d_min_histogram"] = {str(k): v for k, v in self.d_min_histogram.items()}
+        record["counts"] = {str(k): v for k, v in self.counts.items()}
+        return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CollectionState:
+        record = json.loads(data)
+        record["seen"] = bytearray(base64.b64decode(record["seen"]))
+        record["d_min_histogram"] = {int(k): v for k, v in record["d_min_histogram"].items()}
+        record["counts"] = {int(k): v for k, v in record["counts"].items()}
+        return cls(**record)
+
+    def comparable(self) -> dict:
+        """The state without bookkeeping of when things were announced (for equality checks)."""
+        record = json.loads(self.to_json())
+        record.pop("announced")
+        record.pop("ended_at")
+        return record
+
+
+def _epoch(value: datetime | float | int) -> float:
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+def apply_start(state: CollectionState, started: dict) -> None:
+    """Record a CollectionStarted event."""
+    state.started = True
+    state.experiment_type = started["experiment_type"]
+    state.expected = started["number_of_images"]
+    state.start_image_number = started.get("start_image_number", 1)
+    state.grid = started.get("grid")
+    state.sample_id = started.get("sample_id")
+    if state.experiment_type != "grid":
+        state.counts = {}  # per-image counts are kept for heat maps only
+
+
+def apply_end(state: CollectionState, ended: dict) -> None:
+    """Record a CollectionEnded event (the first one wins)."""
+    if not state.ended:
+        state.ended = True
+        state.ended_at = _epoch(ended["event_time"])
+        state.images_collected = ended["images_collected"]
+
+
+def apply_result(state: CollectionState, result: dict) -> bool:
+    """Fold one ImageResult in; returns False (and changes nothing) for an image already seen."""
+    image = result["image_number"]
+    if state.has_image(image):
+        return False
+    state._mark(image)
+    state.n_seen += 1
+    spots = result["n_spots_no_ice"]
+    state.total_spots += spots
+    # Ties go to the lower image number so the outcome does not depend on arrival order.
+    if spots > state.best_spots or (spots == state.best_spots and image < (state.best_image or 1 << 31)):
+        state.best_spots = spots
+        state.best_image = image
+    d_min = result.get("estimated_d_min")
+    if d_min is not None and math.isfinite(d_min):
+        index = min(D_MIN_BINS - 1, max(0, int((d_min - D_MIN_LOW_A) / D_MIN_BIN_A)))
+        state.d_min_histogram[index] = state.d_min_histogram.get(index, 0) + 1
+    if not state.started or state.experiment_type == "grid":
+        state.counts[image] = spots
+    return True
+
+
+def median_d_min(state: CollectionState) -> float | None:
+    """Median estimated_d_min over images that have one, to the histogram's resolution."""
+    total = sum(state.d_min_histogram.values())
+    if total == 0:
+        return None
+    running = 0
+    for index in sorted(state.d_min_histogram):
+        running += state.d_min_histogram[index]
+        if running * 2 >= total:
+            return round(D_MIN_LOW_A + (index + 0.5) * D_MIN_BIN_A, 3)
+    return None
+
+
+def progress_due(state: CollectionState, every_fraction: float = 0.05) -> bool:
+    """True when enough new images have come in since the last progress announcement."""
+    step = max(1, math.ceil(state.expected * every_fraction)) if state.expected else 10
+    return state.n_seen - state.announced >= step
+
+
+def missing_images(state: CollectionState) -> list[int]:
+    """Expected image numbers without a result."""
+    first = state.start_image_number
+    return [n for n in range(first, first + state.expected) if not state.has_image(n)]
+
+
+def completion(state: CollectionState, now: float, timeout_s: float) -> str | None:
+    """``complete`` when every expected image has a result, ``incomplete`` when the
+    collection ended more than ``timeout_s`` ago without them, else None."""
+    if state.summarized or not state.started:
+        return None
+    expected = state.expected
+    if state.ended and state.images_collected is not None:
+        expected = min(expected, state.images_collected)
+    if all(state.has_image(n) for n in range(state.start_image_number, state.start_image_number + expected)):
+        return "complete" if expected == state.expected else "incomplete"
+    if state.ended and state.ended_at is not None and now - state.ended_at >= timeout_s:
+        return "incomplete"
+    return None
+
+
+def heat_map(state: CollectionState) -> np.ndarray | None:
+    """Spots per grid position as a (rows, columns) array, for grid scans."""
+    if not state.grid:
+        return None
+    shape = GridShape(state.grid["rows"], state.grid["columns"], state.grid.get("snaked", False))
+    grid = np.zeros((shape.rows, shape.columns), dtype=np.int64)
+    for image, spots in state.counts.items():
+        index = image - state.start_image_number
+        if 0 <= index < shape.rows * shape.columns:
+            row, column = shape.position(index)
+            grid[row, column] = spots
+    return grid
+
+
+def build_summary(state: CollectionState, status: str, event_time: datetime) -> dict:
+    """The CollectionSummary value for a finished collection."""
+    grid = heat_map(state)
+    xray_centre = None
+    if grid is not None:
+        found = find_xray_centre(grid)
+        if found is not None:
+            g = state.grid
+            x_mm, y_mm = found.to_motor(g.get("origin_x_mm", 0.0), g.get("origin_y_mm", 0.0),
+                                        g["step_x_um"], g["step_y_um"])
+            xray_centre = {
+                "centre_column": found.centre_column, "centre_row": found.centre_row,
+                "centre_x_mm": x_mm, "centre_y_mm": y_mm,
+                "min_column": found.min_column, "max_column": found.max_column,
+                "min_row": found.min_row, "max_row": found.max_row,
+                "n_positions": found.n_positions, "total_count": found.total_count,
+            }
+    return {
+        "dcid": state.dcid,
+        "processing_job_id": state.processing_job_id,
+        "experiment_type": state.experiment_type,
+        "status": status,
+        "images_expected": state.expected,
+        "images_analysed": state.n_seen,
+        "missing_images": missing_images(state),
+        "best_image": state.best_image,
+        "best_image_spots": max(state.best_spots, 0),
+        "total_spots": state.total_spots,
+        "median_d_min": median_d_min(state),
+        "xray_centre": xray_centre,
+        "heat_map": [int(v) for v in grid.ravel()] if grid is not None else [],
+        "centre_3d": None,
+        "data_reduction_requested": state.experiment_type == "rotation",
+        "event_time": event_time,
+    }
+
+
+def build_progress(state: CollectionState, event_time: datetime) -> dict:
+    """The CollectionProgress value for an announcement."""
+    return {
+        "dcid": state.dcid,
+        "processing_job_id": state.processing_job_id,
+        "images_expected": state.expected,
+        "images_analysed": state.n_seen,
+        "best_image": state.best_image,
+        "best_image_spots": max(state.best_spots, 0),
+        "event_time": event_time,
+    }

@@ -1,0 +1,176 @@
+"""Our exactly-once layer over faust-streaming's transactions.
+
+faust-streaming (0.11-0.15 with aiokafka 0.10-0.14) keeps one transactional
+producer per assigned source partition and commits consumed offsets with
+``send_offsets_to_transaction``. Three things in it fall short of exactly-once,
+and this module closes each of them for Beamstream's agents:
+
+1. ``Topic.send`` inside an agent picks the transactional producer from the
+   *destination* partition of the message, not from the partition of the event
+   being processed, so an output can join another partition's transaction (or
+   fail when this worker does not own that partition). We send every output
+   through :func:`send_in_transaction` with the producer of the *source*
+   partition instead.
+2. Table changelog writes go through ``send_soon`` on the plain producer, outside
+   any transaction, so a crash can keep a table update whose input offset was
+   never committed (or the reverse). :class:`TransactionalTable` collects its
+   changelog writes, and :func:`send_in_transaction` flushes them into the source
+   partition's transaction together with the event's outputs.
+3. The periodic commit (and the commit on rebalance) can run between an output
+   being sent and its event being acknowledged; the committed transaction then
+   holds the output but not the offset, and the event is processed twice after a
+   crash. An app-wide *commit guard* makes "send outputs + ack event" one step
+   that a commit can never split: the commit path takes the same lock.
+
+4. After a rebalance faust seeks each partition it keeps to the committed offset
+   it fetches from the group coordinator. aiokafka does not ask for *stable*
+   offsets (KIP-447), so right after a transactional commit the coordinator can
+   still answer with the previous offset, and events whose outputs are already
+   committed (or sit in the open transaction) are delivered again. Each worker
+   remembers, per source partition, the last offset whose outputs went into a
+   transaction of the *same* producer instance; :func:`already_processed` lets
+   the agents acknowledge such a redelivery without sending anything twice. A
+   failed commit forgets those offsets, and a new producer instance (after the
+   partition moved away and back) never matches, so nothing is skipped wrongly.
+
+Anything else unexpected from the transactional producer crashes the worker:
+a restarted worker fences the old producer and the broker aborts its open
+transaction, which is the safe outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from types import SimpleNamespace
+from typing import Any
+
+import faust
+from faust.exceptions import ProducerSendError
+from faust.transport.consumer import TransactionManager
+
+log = logging.getLogger(__name__)
+
+_GUARD_ATTRIBUTE = "_beamstream_commit_guard"
+_PROGRESS_ATTRIBUTE = "_beamstream_processed"
+_original_commit = TransactionManager.commit
+
+
+def commit_guard(app: faust.App) -> asyncio.Lock:
+    """The app's commit guard (created on first use, inside the running loop)."""
+    guard = getattr(app, _GUARD_ATTRIBUTE, None)
+    if guard is None:
+        guard = asyncio.Lock()
+        setattr(app, _GUARD_ATTRIBUTE, guard)
+    return guard
+
+
+def _processed(app: faust.App) -> dict:
+    """source TP -> (producer instance, highest offset whose outputs it has sent)."""
+    progress = getattr(app, _PROGRESS_ATTRIBUTE, None)
+    if progress is None:
+        progress = {}
+        setattr(app, _PROGRESS_ATTRIBUTE, progress)
+    return progress
+
+
+async def _guarded_commit(self: TransactionManager, offsets: Any, start_new_transaction: bool = True) -> bool:
+    async with commit_guard(self.app):
+        try:
+            return await _original_commit(self, offsets, start_new_transaction=start_new_transaction)
+        except BaseException:
+            # The outputs of these partitions' open transactions may be lost: never skip them.
+            progress = _processed(self.app)
+            for tp in offsets:
+                progress.pop(tp, None)
+            raise
+
+
+def install() -> None:
+    """Patch faust's TransactionManager so that commits take the commit guard (idempotent)."""
+    if TransactionManager.commit is not _guarded_commit:
+        TransactionManager.commit = _guarded_commit  # type: ignore[method-assign]
+
+
+def _transaction_producer(app: faust.App, transactional_id: str):
+    # faust keeps its per-partition aiokafka producers in this private dict; the
+    # instance identity tells a producer that survived a rebalance from a new one.
+    return app.consumer.transactions.producer._transaction_producers.get(transactional_id)
+
+
+def already_processed(app: faust.App, event: faust.EventT) -> bool:
+    """True for a redelivered event whose outputs this worker already sent in a transaction
+    that is committed or still open; the event is then acknowledged and must be skipped."""
+    tp = event.message.tp
+    seen = _processed(app).get(tp)
+    if seen is None:
+        return False
+    producer, offset = seen
+    current = _transaction_producer(app, transactional_id_for(app, event))
+    if current is producer and current is not None and event.message.offset <= offset:
+        event.ack()
+        return True
+    return False
+
+
+class PartitionLost(Exception):
+    """The source partition was revoked while its event was processed: another worker
+    owns it now and will process the event; this one must drop it."""
+
+
+def transactional_id_for(app: faust.App, event: faust.EventT) -> str:
+    """The transactional id faust uses for the event's source partition."""
+    tp = event.message.tp
+    group = app.assignor.group_for_topic(tp.topic)
+    return f"{app.conf.id}-{group}-{tp.partition}"
+
+
+class TransactionalTable(faust.Table):
+    """A faust Table whose changelog writes join the source event's transaction.
+
+    Keys and values must be bytes (the table's serializers are ``raw``). Writes are
+    held until :func:`send_in_transaction` flushes them; only the latest value per
+    key is sent, which keeps the changelog small for busy keys.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: dict[tuple[int, bytes], bytes | None] = {}
+
+    def send_changelog(self, partition, key, value, key_serializer=None, value_serializer=None):  # noqa: D102
+        self.pending[(partition, key)] = value
+        # faust reads the partition back from the returned future's message.
+        return SimpleNamespace(message=SimpleNamespace(partition=partition))
+
+
+async def send_in_transaction(
+    app: faust.App,
+    event: faust.EventT,
+    outputs: Iterable[tuple[str, bytes | None, bytes | None]],
+    tables: Iterable[TransactionalTable] = (),
+) -> None:
+    """Send ``(topic, key, value)`` outputs and pending table writes in the transaction of
+    the event's source partition, then acknowledge the event, as one step no commit splits.
+
+    Raises :class:`PartitionLost` if this worker no longer owns the partition (the
+    event is then not acknowledged).
+    """
+    producer = app.consumer.transactions.producer
+    transactional_id = transactional_id_for(app, event)
+    async with commit_guard(app):
+        try:
+            for topic, key, value in outputs:
+                await producer.send(topic, key, value, None, None, None, transactional_id=transactional_id)
+            for table in tables:
+                for (partition, key), value in table.pending.items():
+                    await producer.send(table.changelog_topic.get_topic_name(), key, value, partition,
+                                        None, None, transactional_id=transactional_id)
+                table.pending.clear()
+            _processed(app)[event.message.tp] = (_transaction_producer(app, transactional_id),
+                                                 event.message.offset)
+        except ProducerSendError as exc:
+            for table in tables:
+                table.pending.clear()
+            raise PartitionLost(str(exc)) from None
+        event.ack()

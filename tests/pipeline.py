@@ -1,0 +1,118 @@
+"""Test harness for the pipeline: real worker processes and read_committed readers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from beamstream.kafka_clients import make_consumer
+from beamstream.settings import Settings
+from beamstream.topics import topic_name
+from schemas.serde import make_serde
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment that points a `beamstream` process at the test's broker and topics."""
+    env = {**os.environ,
+           "BEAMSTREAM_BOOTSTRAP_SERVERS": settings.kafka_bootstrap,
+           "BEAMSTREAM_TOPIC_PREFIX": settings.topic_prefix,
+           "BEAMSTREAM_IMAGE_PARTITIONS": str(settings.image_partitions),
+           "BEAMSTREAM_HOME": str(settings.home),
+           "PYTHONUNBUFFERED": "1"}
+    if settings.data_roots:
+        env["BEAMSTREAM_DATA_ROOTS"] = os.pathsep.join(settings.data_roots)
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """One `beamstream worker` process with its log in a file."""
+
+    def __init__(self, settings: Settings, log_dir: Path, name: str, *args: str) -> None:
+        self.settings, self.log_dir, self.name, self.args = settings, log_dir, name, args
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> WorkerProcess:
+        self.starts += 1
+        log = open(self.log_dir / f"{self.name}-{self.starts}.log", "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "beamstream", "worker", *self.args],
+            env=worker_env(self.settings), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, no final commit."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+
+    def terminate(self, timeout: float = 60) -> int | None:
+        """SIGTERM and wait for the clean shutdown; returns the exit code."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+                return None
+        return self.process.returncode if self.process else None
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob(f"{self.name}-*.log")))
+
+
+class TopicReader:
+    """Reads decoded events from topics in a background thread with read_committed."""
+
+    def __init__(self, settings: Settings, logical_topics: list[str], raw_topics: list[str] = ()) -> None:
+        self.serde = make_serde(settings.schema_registry_url)
+        self.records: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # topic -> [(type, value)]
+        self.raw: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        self.topics = {topic_name(settings, t): t for t in logical_topics}
+        self._raw_topics = list(raw_topics)
+        self._consumer = make_consumer(settings, f"test-reader-{uuid.uuid4().hex}")
+        self._consumer.subscribe(list(self.topics) + self._raw_topics)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._consumer.poll(0.2)
+            if message is None or message.error():
+                continue
+            with self._lock:
+                if message.topic() in self._raw_topics:
+                    self.raw[message.topic()].append((message.key(), message.value()))
+                else:
+                    decoded = self.serde.decode(message.value(), message.topic())
+                    self.records[self.topics[message.topic()]].append((decoded.name, decoded.value))
+        self._consumer.close()
+
+    def values(self, logical_topic: str, record_type: str | None = None, dcid: int | None = None) -> list[dict]:
+        with self._lock:
+            return [v for name, v in self.records[logical_topic]
+                    if (record_type is None or name == record_type) and (dcid is None or v.get("dcid") == dcid)]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)

@@ -1,0 +1,163 @@
+"""Exactly-once under failure: real workers, a real broker, kill -9, broker restarts, rebalances.
+
+Each test publishes a grid scan of several hundred images at a detector-like
+rate while workers are killed, the broker restarts or a worker joins and leaves,
+and then checks with read_committed readers that
+
+* every image has exactly one result,
+* the collection table's last committed state equals a fresh fold of all results,
+* exactly one summary was published, complete, after the last image.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from producers.events import EventPublisher, collection_ended, collection_started, image_arrived
+from streams import collection_state as cs
+from tests.pipeline import TopicReader, WorkerProcess
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+ROWS, COLUMNS = 15, 20  # 300 images
+N_IMAGES = ROWS * COLUMNS
+GRID = {"rows": ROWS, "columns": COLUMNS, "step_x_um": 10.0, "step_y_um": 10.0,
+        "origin_x_mm": 1.0, "origin_y_mm": 2.0, "snaked": True, "plane": "xy"}
+WORKER_ARGS = ("--analysis", "noop", "--summary-timeout", "20", "--log-level", "warning")
+
+
+@pytest.fixture
+def settings(kafka_settings):
+    return kafka_settings
+
+
+def publish_gridscan(settings, dcid: int, rate_hz: float, batch: int = 5) -> threading.Thread:
+    """Announce a grid scan and its images at ``rate_hz`` from a background thread, then its end."""
+    def run() -> None:
+        publisher = EventPublisher(settings)
+        publisher.publish([collection_started(dcid, file_template="/data/grid_######.cbf",
+                                              number_of_images=N_IMAGES, experiment_type="grid", grid=GRID)])
+        for first in range(1, N_IMAGES + 1, batch):
+            numbers = range(first, min(first + batch, N_IMAGES + 1))
+            publisher.publish([image_arrived(dcid, n, f"/data/grid_{n:06d}.cbf") for n in numbers])
+            time.sleep(batch / rate_hz)
+        publisher.publish([collection_ended(dcid, N_IMAGES)])
+        publisher.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def changelog_topic(settings) -> str:
+    return f"{settings.topic_prefix}workers-collections-changelog"
+
+
+def assert_exactly_once(reader: TopicReader, settings, dcid: int) -> None:
+    reader.wait_for(lambda: len(reader.values("summaries", "CollectionSummary", dcid)) >= 1, 90,
+                    "the collection summary")
+    time.sleep(3)  # anything duplicated would be committed by now
+    results = reader.values("results", "ImageResult", dcid)
+    counts = Counter(r["image_number"] for r in results)
+    duplicated = sorted(n for n, c in counts.items() if c > 1)
+    missing = sorted(set(range(1, N_IMAGES + 1)) - set(counts))
+    assert not duplicated, f"images with more than one result: {duplicated[:20]}"
+    assert not missing, f"images without a result: {missing[:20]}"
+    assert len(results) == N_IMAGES
+
+    summaries = reader.values("summaries", "CollectionSummary", dcid)
+    assert len(summaries) == 1, f"{len(summaries)} summaries"
+    assert summaries[0]["status"] == "complete"
+    assert summaries[0]["images_analysed"] == N_IMAGES
+
+    # The table's last committed state equals a fresh fold of all results.
+    key = cs.state_key(dcid, None).encode()
+    stored = [value for k, value in reader.raw[changelog_topic(settings)] if k == key]
+    assert stored, "no committed table state for the collection"
+    table_state = cs.CollectionState.from_json(stored[-1])
+    fresh = cs.CollectionState(dcid)
+    cs.apply_start(fresh, {"experiment_type": "grid", "number_of_images": N_IMAGES, "grid": GRID})
+    for result in reversed(results):  # order must not matter
+        cs.apply_result(fresh, result)
+    cs.apply_end(fresh, {"event_time": 0.0, "images_collected": N_IMAGES})
+    fresh.summarized = True
+    assert table_state.comparable() == fresh.comparable()
+
+
+def _reader(settings) -> TopicReader:
+    return TopicReader(settings, ["results", "summaries", "deadletter"], [changelog_topic(settings)])
+
+
+def _wait_results(reader, dcid, at_least, timeout=120):
+    reader.wait_for(lambda: len(reader.values("results", "ImageResult", dcid)) >= at_least, timeout,
+                    f"{at_least} results")
+
+
+def test_kill_minus_nine_mid_collection(settings, tmp_path):
+    dcid = 700001
+    reader = _reader(settings)
+    workers = [WorkerProcess(settings, tmp_path, f"w{i}", *WORKER_ARGS).start() for i in range(2)]
+    try:
+        publisher = publish_gridscan(settings, dcid, rate_hz=25)
+        for threshold in (40, 110, 180):
+            _wait_results(reader, dcid, threshold)
+            victim = workers[threshold % 2]
+            victim.kill()
+            time.sleep(1.0)
+            victim.start()
+        publisher.join(60)
+        assert_exactly_once(reader, settings, dcid)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        reader.close()
+
+
+def test_broker_restart_mid_collection(kafka_cluster, settings, tmp_path):
+    _, cluster = kafka_cluster
+    if cluster is None:
+        pytest.skip("the broker is external; the test cannot restart it")
+    dcid = 700002
+    reader = _reader(settings)
+    workers = [WorkerProcess(settings, tmp_path, f"w{i}", *WORKER_ARGS).start() for i in range(2)]
+    try:
+        publisher = publish_gridscan(settings, dcid, rate_hz=25)
+        _wait_results(reader, dcid, 80)
+        cluster.down()
+        time.sleep(2)
+        cluster.up(progress=False)
+        publisher.join(120)
+        # A worker that gave up while the broker was away is restarted, as its supervisor would.
+        for worker in workers:
+            if worker.process.poll() is not None:
+                worker.start()
+        assert_exactly_once(reader, settings, dcid)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        reader.close()
+
+
+def test_a_third_worker_joins_and_leaves(settings, tmp_path):
+    dcid = 700003
+    reader = _reader(settings)
+    workers = [WorkerProcess(settings, tmp_path, f"w{i}", *WORKER_ARGS).start() for i in range(2)]
+    third = WorkerProcess(settings, tmp_path, "w3", *WORKER_ARGS)
+    try:
+        publisher = publish_gridscan(settings, dcid, rate_hz=20)
+        _wait_results(reader, dcid, 50)
+        third.start()
+        _wait_results(reader, dcid, 170)
+        assert third.terminate() == 0, "SIGTERM should stop a worker cleanly"
+        publisher.join(60)
+        assert_exactly_once(reader, settings, dcid)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        third.terminate()
+        reader.close()
+
