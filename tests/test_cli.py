@@ -30,7 +30,7 @@ def test_a_bad_argument_is_one_line_without_traceback():
 
 def test_a_wrong_setting_is_named_in_one_line():
     result = beamstream("config", env={"BEAMSTREAM_LOCAL_KAFKA_PORT": "ninety"})
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == (
         "beamstream config: error: BEAMSTREAM_LOCAL_KAFKA_PORT: expected an integer, got 'ninety'")
 
