@@ -33,6 +33,16 @@ and this module closes each of them for Beamstream's agents:
    failed commit forgets those offsets, and a new producer instance (after the
    partition moved away and back) never matches, so nothing is skipped wrongly.
 
+5. A stream *acknowledges* the events it skips: events fetched before a
+   rebalance (an older consumer generation) or while the flow is paused. If the
+   worker keeps the partition, that acknowledged offset is committed with the
+   next transaction and the event is never processed: a lost image or a lost
+   CollectionStarted. Our agents acknowledge only through
+   :func:`send_in_transaction`; any other acknowledgement of an event of an
+   exactly-once app is turned into "forget it": the message leaves the set of
+   in-flight messages (so rebalances need not wait for it) but its offset is not
+   marked done, the commit stops before it, and it is delivered again.
+
 Anything else unexpected from the transactional producer crashes the worker:
 a restarted worker fences the old producer and the broker aborts its open
 transaction, which is the safe outcome.
@@ -41,12 +51,14 @@ transaction, which is the safe outcome.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
 
 import faust
+from faust.events import Event
 from faust.exceptions import ProducerSendError
 from faust.transport.consumer import TransactionManager
 
@@ -55,6 +67,8 @@ log = logging.getLogger(__name__)
 _GUARD_ATTRIBUTE = "_beamstream_commit_guard"
 _PROGRESS_ATTRIBUTE = "_beamstream_processed"
 _original_commit = TransactionManager.commit
+_original_event_ack = Event.ack
+_acknowledging = contextvars.ContextVar("beamstream_acknowledging", default=False)
 
 
 def commit_guard(app: faust.App) -> asyncio.Lock:
@@ -87,10 +101,29 @@ async def _guarded_commit(self: TransactionManager, offsets: Any, start_new_tran
             raise
 
 
+def _event_ack(self: Event) -> bool:
+    if _acknowledging.get() or not self.app.in_transaction:
+        return _original_event_ack(self)
+    # Skipped by the stream (stale generation or paused flow): forget, do not mark done.
+    self.app.consumer._unacked_messages.discard(self.message)
+    return False
+
+
+def _acknowledge(event: faust.EventT) -> None:
+    token = _acknowledging.set(True)
+    try:
+        event.ack()
+    finally:
+        _acknowledging.reset(token)
+
+
 def install() -> None:
-    """Patch faust's TransactionManager so that commits take the commit guard (idempotent)."""
+    """Patch faust: commits take the commit guard, and only our agents' own
+    acknowledgements mark events done (idempotent)."""
     if TransactionManager.commit is not _guarded_commit:
         TransactionManager.commit = _guarded_commit  # type: ignore[method-assign]
+    if Event.ack is not _event_ack:
+        Event.ack = _event_ack  # type: ignore[method-assign]
 
 
 def _transaction_producer(app: faust.App, transactional_id: str):
@@ -109,7 +142,7 @@ def already_processed(app: faust.App, event: faust.EventT) -> bool:
     producer, offset = seen
     current = _transaction_producer(app, transactional_id_for(app, event))
     if current is producer and current is not None and event.message.offset <= offset:
-        event.ack()
+        _acknowledge(event)
         return True
     return False
 
@@ -156,6 +189,9 @@ async def send_in_transaction(
     Raises :class:`PartitionLost` if this worker no longer owns the partition (the
     event is then not acknowledged).
     """
+    if not app.in_transaction:
+        await _send_at_least_once(app, event, outputs, tables)
+        return
     producer = app.consumer.transactions.producer
     transactional_id = transactional_id_for(app, event)
     async with commit_guard(app):
@@ -173,4 +209,16 @@ async def send_in_transaction(
             for table in tables:
                 table.pending.clear()
             raise PartitionLost(str(exc)) from None
-        event.ack()
+        _acknowledge(event)
+
+
+async def _send_at_least_once(app: faust.App, event: faust.EventT, outputs, tables) -> None:
+    """The same outputs without transactions (processing_guarantee at_least_once, for comparison)."""
+    producer = app.producer
+    for topic, key, value in outputs:
+        await producer.send(topic, key, value, None, None, None)
+    for table in tables:
+        for (partition, key), value in table.pending.items():
+            await producer.send(table.changelog_topic.get_topic_name(), key, value, partition, None, None)
+        table.pending.clear()
+    _acknowledge(event)

@@ -9,7 +9,6 @@ use a Kafka container where a Docker engine exists.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,27 +16,11 @@ from pathlib import Path
 import pytest
 
 from beamstream.cluster import LocalCluster
+from beamstream.harness import free_port_pair
 from beamstream.settings import Settings, load_settings
 from beamstream.topics import apply_topics
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free on loopback."""
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port >= 65000:
-            continue
-        with socket.socket() as second:
-            try:
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free pair of ports on 127.0.0.1")
 
 
 @pytest.fixture(scope="session")

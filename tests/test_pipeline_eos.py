@@ -17,9 +17,9 @@ from collections import Counter
 
 import pytest
 
+from beamstream.harness import TopicReader, WorkerProcess
 from producers.events import EventPublisher, collection_ended, collection_started, image_arrived
 from streams import collection_state as cs
-from tests.pipeline import TopicReader, WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
                         help="tries per image before it goes to the dead-letter topic (default 3)")
     parser.add_argument("--retry-backoff", type=float, default=0.5, metavar="SECONDS",
                         help="first retry delay, doubled each retry (default 0.5)")
+    parser.add_argument("--at-least-once", action="store_true",
+                        help="turn exactly-once processing off (only to measure its cost; results may "
+                        "then be duplicated after a crash)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
     parser.set_defaults(func=run)
 
@@ -47,7 +50,7 @@ def build_pipeline(args: argparse.Namespace):
     if args.analysis == "real":
         analysis = functools.partial(analyse_file, params=SpotFindingParams(backend=args.backend))
     options = PipelineOptions(summary_timeout_s=args.summary_timeout, retry_attempts=args.retries,
-                              retry_backoff_s=args.retry_backoff)
+                              retry_backoff_s=args.retry_backoff, exactly_once=not args.at_least_once)
     return Pipeline(load_settings(), analysis, options)
 
 

@@ -1,9 +1,12 @@
-"""Test harness for the pipeline: real worker processes and read_committed readers."""
+"""Drive the pipeline from outside: real worker processes and read_committed readers.
+
+Used by the end-to-end tests and the pipeline benchmark."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +20,23 @@ from beamstream.kafka_clients import make_consumer
 from beamstream.settings import Settings
 from beamstream.topics import topic_name
 from schemas.serde import make_serde
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p+1 are both free on loopback."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port >= 65000:
+            continue
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free pair of ports on 127.0.0.1")
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -77,6 +97,7 @@ class TopicReader:
     def __init__(self, settings: Settings, logical_topics: list[str], raw_topics: list[str] = ()) -> None:
         self.serde = make_serde(settings.schema_registry_url)
         self.records: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # topic -> [(type, value)]
+        self.received_at: dict[str, list[float]] = defaultdict(list)  # topic -> epoch seconds, same order
         self.raw: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
         self.topics = {topic_name(settings, t): t for t in logical_topics}
         self._raw_topics = list(raw_topics)
@@ -98,6 +119,7 @@ class TopicReader:
                 else:
                     decoded = self.serde.decode(message.value(), message.topic())
                     self.records[self.topics[message.topic()]].append((decoded.name, decoded.value))
+                    self.received_at[self.topics[message.topic()]].append(time.time())
         self._consumer.close()
 
     def values(self, logical_topic: str, record_type: str | None = None, dcid: int | None = None) -> list[dict]:

@@ -1,0 +1,158 @@
+"""End-to-end pipeline benchmark on a real local broker.
+
+* latency from image event (arrival_time) to the result being readable by a
+  read_committed consumer, p50/p99, at 100 Hz and 560 Hz, with the no-op
+  analysis (the pipeline's own overhead) and the real analysis on the PILATUS 6M
+  thaumatin images (decompressed once into a temporary folder, as a detector
+  writes them);
+* the highest sustained rate one worker holds with the no-op analysis, with
+  exactly-once on and off.
+
+Run: python benchmarks/bench_pipeline.py [--json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from beamstream.cluster import LocalCluster  # noqa: E402
+from beamstream.harness import TopicReader, WorkerProcess, free_port_pair  # noqa: E402
+from beamstream.settings import load_settings  # noqa: E402
+from beamstream.topics import apply_topics  # noqa: E402
+from producers.events import EventPublisher, collection_started, image_arrived  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "thaumatin_grid"
+
+
+def fresh_settings(base, partitions: int = 4):
+    settings = load_settings(bootstrap_servers=base.kafka_bootstrap, home=base.home,
+                             topic_prefix=f"b{uuid.uuid4().hex[:8]}.", image_partitions=partitions)
+    apply_topics(settings)
+    return settings
+
+
+def publish_at_rate(settings, dcid: int, files: list[str], n_images: int, rate_hz: float) -> None:
+    """Announce ``n_images`` images at ``rate_hz``, batching what falls due every 10 ms."""
+    publisher = EventPublisher(settings)
+    publisher.publish([collection_started(dcid, file_template=files[0], number_of_images=n_images)])
+    started = time.perf_counter()
+    sent = 0
+    while sent < n_images:
+        due = min(n_images, int((time.perf_counter() - started) * rate_hz) + 1)
+        if due > sent:
+            publisher.publish([image_arrived(dcid, n, files[(n - 1) % len(files)]) for n in range(sent + 1, due + 1)])
+            sent = due
+        time.sleep(0.005)
+    publisher.close()
+
+
+def run_latency(base, log_dir: Path, analysis: str, rate_hz: float, seconds: float, files: list[str],
+                workers: int) -> dict:
+    settings = fresh_settings(base)
+    reader = TopicReader(settings, ["results"])
+    procs = [WorkerProcess(settings, log_dir, f"{analysis}-{rate_hz}-{i}", "--analysis", analysis,
+                           "--log-level", "warning").start() for i in range(workers)]
+    try:
+        # Warm-up: the workers must have joined and compiled before the clock starts.
+        publish_at_rate(settings, 1, files, 4 * workers, 10)
+        reader.wait_for(lambda: len(reader.values("results", dcid=1)) >= 4 * workers, 180, "warm-up results")
+        n_images = int(rate_hz * seconds)
+        publish_at_rate(settings, 2, files, n_images, rate_hz)
+        reader.wait_for(lambda: len(reader.values("results", dcid=2)) >= n_images, 120 + n_images / 5,
+                        f"{n_images} results")
+        latencies, analysis_s = [], []
+        for (_, value), received in zip(reader.records["results"], reader.received_at["results"], strict=True):
+            if value["dcid"] == 2:
+                latencies.append(received - value["event_time"].timestamp())
+                analysis_s.append(value["read_time_s"] + value["analysis_time_s"])
+        lat = np.array(latencies) * 1000
+        work = np.array(analysis_s) * 1000
+        return {"analysis": analysis, "rate_hz": rate_hz, "workers": workers, "images": n_images,
+                "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
+                "median_analysis_ms": round(float(np.median(work)), 1),
+                "p99_overhead_ms": round(float(np.percentile(lat - work, 99)), 1)}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        reader.close()
+
+
+def run_throughput(base, log_dir: Path, exactly_once: bool, n_images: int) -> dict:
+    settings = fresh_settings(base)
+    publisher = EventPublisher(settings)
+    publisher.publish([collection_started(3, file_template="/x", number_of_images=n_images)])
+    for first in range(1, n_images + 1, 500):
+        publisher.publish([image_arrived(3, n, "/x") for n in range(first, min(first + 500, n_images + 1))])
+    publisher.close()
+    reader = TopicReader(settings, ["results"])
+    args = ["--analysis", "noop", "--log-level", "warning"] + ([] if exactly_once else ["--at-least-once"])
+    proc = WorkerProcess(settings, log_dir, f"throughput-{exactly_once}", *args).start()
+    try:
+        reader.wait_for(lambda: len(reader.values("results")) >= n_images, 600, f"{n_images} results")
+        times = sorted(reader.received_at["results"])
+        # Steady state: from the 10th to the 90th percentile of arrivals.
+        low, high = times[len(times) // 10], times[len(times) * 9 // 10]
+        rate = (len(times) * 0.8) / (high - low)
+        return {"exactly_once": exactly_once, "images": n_images, "sustained_hz": round(rate, 1)}
+    finally:
+        proc.terminate()
+        reader.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test of the benchmark)")
+    args = parser.parse_args()
+    seconds = 3 if args.quick else 10
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        tmp_path = Path(tmp)
+        files = []
+        for source in sorted(DATA.glob("*.cbf.bz2"))[:4]:
+            target = tmp_path / source.name.removesuffix(".bz2")
+            target.write_bytes(bz2.decompress(source.read_bytes()))
+            files.append(str(target))
+        base = load_settings(home=tmp_path / "home", local_kafka_port=free_port_pair())
+        cluster = LocalCluster(base)
+        cluster.up(progress=False)
+        report = {"latency": [], "throughput": []}
+        try:
+            for rate in (100, 560):
+                report["latency"].append(run_latency(base, tmp_path, "noop", rate, seconds, files, workers=1))
+            for rate in (100, 560):
+                report["latency"].append(run_latency(base, tmp_path, "real", rate, 2 if args.quick else 4,
+                                                     files, workers=2))
+            for exactly_once in (True, False):
+                report["throughput"].append(run_throughput(base, tmp_path, exactly_once,
+                                                           2000 if args.quick else 10000))
+        finally:
+            cluster.down()
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print("latency (image event -> result readable with read_committed)")
+        for row in report["latency"]:
+            print(f"  {row['analysis']:5} {row['rate_hz']:4.0f} Hz  {row['workers']} worker(s)"
+                  f"  {row['images']:5} images  p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms"
+                  f"  (analysis median {row['median_analysis_ms']:.1f} ms,"
+                  f" p99 overhead {row['p99_overhead_ms']:.1f} ms)")
+        print("sustained rate, one worker, no-op analysis")
+        for row in report["throughput"]:
+            print(f"  exactly-once {'on ' if row['exactly_once'] else 'off'}  {row['sustained_hz']:8.1f} images/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
