@@ -52,7 +52,7 @@ _SAMPLES: dict[str, dict] = {
                         "min_column": 1, "max_column": 3, "min_row": 1, "max_row": 2, "n_positions": 6,
                         "total_count": 800},
         "heat_map": [0] * 5 + [0, 50, 150, 90, 0] + [0, 60, 120, 80, 0] + [0] * 5,
-        "centre_3d": None, "data_reduction_requested": False, "event_time": _T0,
+        "sample_id": 77, "grid_plane": "xy", "data_reduction_requested": False, "event_time": _T0,
     },
     "ProcessingRequest": {
         "request_id": "5b0c1f9e-1f7e-4d8e-9a57-0d7d2c1a0001", "kind": "reprocess", "dcid": 1001,
@@ -64,6 +64,24 @@ _SAMPLES: dict[str, dict] = {
         "service": "image-analysis", "source_topic": "beamstream.images", "source_partition": 3,
         "source_offset": 42, "key": b"1001", "payload": b"\xc3\x01not-really", "headers": [],
         "attempts": 3, "reinjected_count": 0, "dcid": 1001, "image_number": 5, "failed_at": _T0,
+    },
+    "DeadLetterResolved": {
+        "dead_letter_topic": "beamstream.deadletter", "dead_letter_partition": 1, "dead_letter_offset": 7,
+        "action": "reinjected", "source_topic": "beamstream.images", "source_partition": 3, "source_offset": 42,
+        "failed_at": _T0, "target_topic": "beamstream.images", "target_partition": 3, "target_offset": 57,
+        "reinjected_count": 1, "resolved_by": "staff@host", "resolved_at": _T0,
+    },
+    "ArchiveComplete": {
+        "dcid": 1001, "processing_job_id": None, "beamline": "i03",
+        "file_template": "/dls/i03/data/2026/cm1/grid/thau_1_####.cbf", "collection_status": "success",
+        "manifest_path": "/dls/i03/data/2026/cm1/grid/thau_1.manifest.json",
+        "manifest_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "files": 19,
+        "total_bytes": 118000000, "missing_files": ["/dls/i03/data/2026/cm1/grid/thau_1_0020.cbf"],
+        "complete": False, "event_time": _T0,
+    },
+    "SampleCentre": {
+        "sample_id": 77, "x_mm": 0.15, "y_mm": -0.17, "z_mm": 0.02, "xy_dcid": 1001, "xz_dcid": 1002,
+        "event_time": _T0,
     },
     "ServiceHeartbeat": {
         "service_id": "worker@host:1234", "service_type": "worker", "host": "host", "pid": 1234,

@@ -36,6 +36,7 @@ from schemas.keys import dcid_key
 from schemas.serde import SerdeError, make_serde
 from streams import collection_state as cs
 from streams import eos
+from streams import sample_centring as samples
 from streams.image_analysis import Analysis, noop_analysis, path_within_roots
 
 log = logging.getLogger("beamstream.worker")
@@ -45,7 +46,7 @@ log = logging.getLogger("beamstream.worker")
 class PipelineOptions:
     """Tunables of the pipeline (defaults suit a beamline)."""
 
-    summary_timeout_s: float = 30.0  # after a collection's end, how long to wait for missing images
+    summary_timeout_s: float = 60.0  # after a collection's end, how long to wait for missing images
     retry_attempts: int = 3  # tries per image before it goes to the dead-letter topic
     retry_backoff_s: float = 0.5  # first retry delay, doubled each time
     commit_interval_s: float = 0.1  # how often offsets and outputs are committed
@@ -117,18 +118,25 @@ class Pipeline:
             broker_commit_every=1000,
             consumer_auto_offset_reset="earliest",
             table_standby_replicas=0,
-            broker_session_timeout=30.0,
+            broker_session_timeout=10.0,  # a killed worker's partitions move on within 10 s
             broker_heartbeat_interval=3.0,
         )
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
         images = app.topic(self.topics["images"], **raw)
         grouped = app.topic(self.topics["results"], self.topics["collections"], **raw)
         self.table = eos.TransactionalTable(
-            app, name="collections", default=None,
-            schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+            # bytes key and value types make faust use the raw codec, also when it
+            # recovers the table from the changelog.
+            app, name="collections", default=None, key_type=bytes, value_type=bytes,
             partitions=settings.image_partitions, beacon=app.tables.beacon,
         )
         app.tables.add(self.table)
+        self.sample_table = eos.TransactionalTable(
+            app, name="samples", default=None, key_type=bytes, value_type=bytes,
+            partitions=settings.image_partitions, beacon=app.tables.beacon,
+        )
+        app.tables.add(self.sample_table)
+        by_sample = app.topic(self.topics["samples"], **raw)
 
         @app.agent(images, name="analyse")
         async def analyse(stream):
@@ -139,6 +147,11 @@ class Pipeline:
         async def collect(stream):
             async for event in stream.noack().events():
                 await self._handle_collection_event(event)
+
+        @app.agent(by_sample, name="centre3d")
+        async def centre3d(stream):
+            async for event in stream.noack().events():
+                await self._handle_sample_summary(event)
 
         @app.timer(interval=1.0)
         async def check_deadlines():
@@ -276,6 +289,10 @@ class Pipeline:
             state.summarized = True
             summary = cs.build_summary(state, status, now)
             outputs.append(self._encoded("summaries", "CollectionSummary", dcid_bytes, summary))
+            if summary["xray_centre"] is not None and summary["sample_id"] is not None:
+                # Re-keyed by sample, so orthogonal scans of one sample meet in one table.
+                outputs.append(self._encoded("samples", "CollectionSummary", str(summary["sample_id"]).encode(),
+                                             summary))
             if summary["data_reduction_requested"]:
                 outputs.append(self._encoded("requests", "ProcessingRequest", dcid_bytes, {
                     "request_id": f"data-reduction-{key.decode()}", "kind": "data_reduction",
@@ -291,6 +308,26 @@ class Pipeline:
         if changed or outputs:
             self.table[key] = state.to_json()
         await self._commit_outputs(event, outputs, tables=[self.table])
+
+    async def _handle_sample_summary(self, event) -> None:
+        if eos.already_processed(self.app, event):
+            return
+        topic = event.message.topic
+        try:
+            summary = self.serde.decode(event.message.value, topic, "CollectionSummary").value
+        except SerdeError as exc:
+            await self._commit_outputs(event, [self._dead_letter_output(event, str(exc), type(exc).__name__, 1)])
+            return
+        key = event.message.key
+        state = samples.load(self.sample_table.get(key))
+        centre = samples.record_grid_summary(state, summary, datetime.now(UTC))
+        self.sample_table[key] = samples.dump(state)
+        outputs = []
+        if centre is not None:
+            outputs.append(self._encoded("summaries", "SampleCentre", key, centre))
+            log.info("3D centre", extra={"sample_id": centre["sample_id"], "dcid": summary["dcid"],
+                                         "x_mm": centre["x_mm"], "y_mm": centre["y_mm"], "z_mm": centre["z_mm"]})
+        await self._commit_outputs(event, outputs, tables=[self.sample_table])
 
     def _encoded(self, logical_topic: str, record_type: str, key: bytes, value: dict):
         topic = self.topics[logical_topic]

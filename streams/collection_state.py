@@ -226,7 +226,8 @@ def build_summary(state: CollectionState, status: str, event_time: datetime) -> 
         "median_d_min": median_d_min(state),
         "xray_centre": xray_centre,
         "heat_map": [int(v) for v in grid.ravel()] if grid is not None else [],
-        "centre_3d": None,
+        "sample_id": state.sample_id,
+        "grid_plane": state.grid.get("plane") if state.grid else None,
         "data_reduction_requested": state.experiment_type == "rotation",
         "event_time": event_time,
     }

@@ -1,82 +1,115 @@
-"""``beamstream demo``: the README's first command, showing everything that works."""
+"""``beamstream demo``: the README's first command, showing everything that works.
+
+It brings the local cluster up, starts analysis workers, simulates a grid scan
+through the real producers (files written at detector rate, a file watcher
+announcing them), and prints the heat map and the X-ray centre the pipeline
+computed, next to the crystal's true position.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-import uuid
+from pathlib import Path
+
+from tqdm import tqdm
 
 from beamstream.cluster import LocalCluster
-from beamstream.commands.output import print_table
-from beamstream.kafka_clients import make_consumer, make_producer
+from beamstream.errors import BeamstreamError
+from beamstream.harness import TopicReader, WorkerProcess
+from beamstream.heatmap import render_heat_map
 from beamstream.settings import Settings, load_settings
-from beamstream.topics import apply_topics, declared_topics
-from schemas.samples import sample_event
-from schemas.serde import make_serde
+from beamstream.topics import apply_topics
 
 
 def register(subparsers) -> None:
     """Add the ``demo`` command."""
     parser = subparsers.add_parser(
         "demo",
-        help="run the demo on a real local Kafka broker",
-        description="Bring the local cluster up (unless an external one is configured), apply the topics "
-        "and send one event of every schema through its real topic in one transaction, then read "
-        "them back with read_committed.",
+        help="run a simulated grid scan through the real pipeline on a local Kafka broker",
+        description="Start the local Kafka cluster (unless an external one is configured), apply the "
+        "topics, start analysis workers, simulate a grid scan (synthetic detector images written at "
+        "detector rate, announced by the file watcher) and print the spot-count heat map and the "
+        "X-ray centre as the pipeline computed them.",
     )
+    parser.add_argument("--rows", type=int, default=8, help="grid rows (default 8)")
+    parser.add_argument("--cols", type=int, default=10, help="grid columns (default 10)")
+    parser.add_argument("--rate", type=float, default=20.0, metavar="HZ", help="image rate (default 20 Hz)")
+    parser.add_argument("--workers", type=int, default=2, help="analysis worker processes (default 2)")
+    parser.add_argument("--detector", default="eiger2-1m", help="simulated detector (default eiger2-1m)")
+    parser.add_argument("--seed", type=int, default=7, help="crystal position seed (default 7)")
     parser.set_defaults(func=run)
 
 
-def ensure_cluster(settings: Settings) -> str:
-    """Start the local cluster when no external one is configured; returns the bootstrap."""
+def ensure_cluster(settings: Settings) -> None:
+    """Start the local cluster when no external one is configured."""
     if settings.uses_local_cluster:
         status = LocalCluster(settings).up()
         print(f"Kafka {status.kafka_version} running at {status.bootstrap} (data in {status.data_dir})")
-    return settings.kafka_bootstrap
-
-
-def show_schema_round_trip(settings: Settings) -> None:
-    """Send an example of every record type to its topic atomically and read each back."""
-    serde = make_serde(settings.schema_registry_url)
-    run_id = uuid.uuid4().hex[:8]
-    producer = make_producer(settings, transactional_id=f"beamstream-demo-{run_id}")
-    sent = []
-    producer.begin_transaction()
-    for spec in declared_topics(settings):
-        topic = spec.name(settings)
-        for record_type in spec.record_types:
-            value = sample_event(record_type)
-            key = str(value.get("dcid", value.get("service_id", run_id))).encode()
-            producer.produce(topic, serde.encode(record_type, value, topic), key,
-                             headers=[("demo-run", run_id.encode())])
-            sent.append((topic, record_type))
-    producer.commit_transaction(30)
-
-    consumer = make_consumer(settings, f"beamstream-demo-{run_id}")
-    consumer.subscribe(sorted({topic for topic, _ in sent}))
-    seen: list[tuple[str, str, int, int, str]] = []
-    deadline = time.monotonic() + 30
-    while len(seen) < len(sent) and time.monotonic() < deadline:
-        message = consumer.poll(0.5)
-        if message is None or message.error():
-            continue
-        if (b"demo-run", run_id.encode()) not in [(k.encode(), v) for k, v in message.headers() or []]:
-            continue
-        decoded = serde.decode(message.value(), message.topic())
-        summary = ", ".join(f"{k}={v}" for k, v in list(decoded.value.items())[:3])
-        seen.append((message.topic(), decoded.name, message.partition(), message.offset(), summary))
-    consumer.close()
-    print(f"\nOne event of every schema, sent in one transaction and read back (read_committed), "
-          f"{len(seen)}/{len(sent)}:")
-    print_table(sorted(seen), ("topic", "record", "partition", "offset", "first fields"))
+    else:
+        print(f"using the Kafka cluster at {settings.kafka_bootstrap}")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo."""
+    from producers.simulator import simulate_gridscan
+
+    if args.rows < 1 or args.cols < 1 or args.workers < 1 or not args.rate > 0:
+        raise BeamstreamError("--rows, --cols and --workers must be at least 1 and --rate positive")
     settings = load_settings()
     ensure_cluster(settings)
     changes = apply_topics(settings)
-    created = [c.topic for c in changes if c.action == "created"]
-    print(f"topics: {len(changes)} declared, {len(created)} created")
-    show_schema_round_trip(settings)
+    print(f"topics: {len(changes)} declared, {sum(c.action == 'created' for c in changes)} created")
+
+    log_dir = settings.home / "demo-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    reader = TopicReader(settings, ["results", "announce", "summaries"])
+    workers = [WorkerProcess(settings, log_dir, f"worker{i}", "--summary-timeout", "15").start()
+               for i in range(args.workers)]
+    print(f"started {args.workers} analysis workers (logs in {log_dir})")
+    try:
+        n_images = args.rows * args.cols
+        with tqdm(total=n_images, desc="images announced", unit="img", file=sys.stderr) as bar:
+            report = simulate_gridscan(settings, args.rows, args.cols, args.rate, detector=args.detector,
+                                       seed=args.seed, on_progress=lambda n: bar.update(n - bar.n))
+        print(f"simulated grid scan dcid {report.dcid}: {report.emitted} images of a {report.detector} "
+              f"in {Path(report.file_template).parent}")
+        summary = _wait_for_summary(reader, report.dcid, n_images)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        reader.close()
+    _print_summary(summary, report)
     return 0
+
+
+def _wait_for_summary(reader: TopicReader, dcid: int, n_images: int) -> dict:
+    with tqdm(total=n_images, desc="images analysed ", unit="img", file=sys.stderr) as bar:
+        deadline = time.monotonic() + 180 + n_images
+        while time.monotonic() < deadline:
+            bar.update(len(reader.values("results", "ImageResult", dcid)) - bar.n)
+            summaries = reader.values("summaries", "CollectionSummary", dcid)
+            if summaries:
+                bar.update(n_images - bar.n)
+                return summaries[0]
+            time.sleep(0.2)
+    raise BeamstreamError(f"no summary for dcid {dcid} within the time limit; see the worker logs")
+
+
+def _print_summary(summary: dict, report) -> None:
+    rows, columns = report.grid["rows"], report.grid["columns"]
+    centre = summary["xray_centre"]
+    marked = (centre["centre_row"], centre["centre_column"]) if centre else None
+    print(f"\nspots per grid position (dcid {summary['dcid']}, {summary['images_analysed']}/"
+          f"{summary['images_expected']} images, {summary['status']}):\n")
+    print(render_heat_map(summary["heat_map"], rows, columns, marked))
+    if centre:
+        print(f"\nX-ray centre: row {centre['centre_row']:.2f}, column {centre['centre_column']:.2f} "
+              f"(motors x {centre['centre_x_mm']:.3f} mm, y {centre['centre_y_mm']:.3f} mm); "
+              f"diffracting region rows {centre['min_row']}-{centre['max_row']}, "
+              f"columns {centre['min_column']}-{centre['max_column']}, best image {summary['best_image']}")
+        true_row, true_column = report.true_centre
+        print(f"true crystal centre: row {true_row:.2f}, column {true_column:.2f}")
+    else:
+        print("\nno diffraction found: no X-ray centre")

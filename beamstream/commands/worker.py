@@ -25,8 +25,8 @@ def register(subparsers) -> None:
                         "measuring the pipeline itself")
     parser.add_argument("--backend", choices=("numba", "numpy", "dials"), default="numba",
                         help="spot-finding implementation (default numba)")
-    parser.add_argument("--summary-timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="after a collection ends, how long to wait for missing images (default 30)")
+    parser.add_argument("--summary-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="after a collection ends, how long to wait for missing images (default 60)")
     parser.add_argument("--retries", type=int, default=3, metavar="N",
                         help="tries per image before it goes to the dead-letter topic (default 3)")
     parser.add_argument("--retry-backoff", type=float, default=0.5, metavar="SECONDS",
