@@ -133,6 +133,8 @@ class LocalCluster:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return pid
+        if not cmdline:  # inside execve() right after Popen (or a zombie): not yet recognisable
+            return pid if _alive(pid) else None
         return pid if b"kafka.Kafka" in cmdline else None
 
     def status(self) -> ClusterStatus:

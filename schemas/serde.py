@@ -60,7 +60,7 @@ class SchemaVersion:
     """One parsed schema version."""
 
     name: str  # short record name, e.g. "ImageArrived"
-    version: str  # "current" or "v1", "v2" ...
+    version: str  # "current" or "v1", "v2" ... (or "id N": a writer schema from a registry)
     schema: dict
     canonical: str
     fingerprint: bytes  # 8 bytes, little-endian CRC-64-AVRO as written on the wire
@@ -198,8 +198,7 @@ class RegistrySerde:
         self.url = url
         self._client_config = {"url": url, **(client_config or {})}
         self._serializers: dict[str, Any] = {}
-        self._deserializers: dict[str, Any] = {}
-        self._writer_names: dict[int, str] = {}
+        self._writers: dict[int, SchemaVersion] = {}
 
     @cached_property
     def client(self):
@@ -234,40 +233,44 @@ class RegistrySerde:
         except Exception as exc:  # registry unreachable or refusing the schema
             raise SerdeError(f"schema registry at {self.url} refused {version.name} for {topic}: {exc}") from None
 
-    def _writer_name(self, schema_id: int, where: str) -> str:
-        name = self._writer_names.get(schema_id)
-        if name is None:
+    def _writer(self, schema_id: int, where: str) -> SchemaVersion:
+        writer = self._writers.get(schema_id)
+        if writer is None:
             try:
                 registered = self.client.get_schema(schema_id)
             except Exception as exc:
-                raise UnknownSchemaError(f"{where}: schema id {schema_id} unknown to the registry ({exc})") from None
-            full_name = json.loads(registered.schema_str).get("name", "")
-            name = full_name.rsplit(".", 1)[-1]
-            self._writer_names[schema_id] = name
-        return name
+                if getattr(exc, "http_status_code", None) == 404:
+                    raise UnknownSchemaError(
+                        f"{where}: schema id {schema_id} unknown to the registry ({exc})"
+                    ) from None
+                raise SerdeError(
+                    f"{where}: schema registry at {self.url} could not be asked for schema id {schema_id}: {exc}"
+                ) from None
+            try:
+                raw = json.loads(registered.schema_str)
+                name = raw.get("name", "").rsplit(".", 1)[-1] if isinstance(raw, dict) else ""
+                parsed = fastavro.parse_schema(raw, _write_hint=False, named_schemas={})
+            except (ValueError, TypeError, fastavro.schema.SchemaParseException) as exc:
+                raise UnknownSchemaError(f"{where}: schema id {schema_id} is not an Avro record ({exc})") from None
+            canonical = to_parsing_canonical_form(parsed)
+            writer = SchemaVersion(name, f"id {schema_id}", parsed, canonical,
+                                   bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")))
+            self._writers[schema_id] = writer
+        return writer
 
     def decode(self, data: bytes, topic: str, expected: str | Iterable[str] | None = None) -> Decoded:
-        """Decode through confluent-kafka's AvroDeserializer with the current schema as reader."""
-        from confluent_kafka.schema_registry.avro import AvroDeserializer
-        from confluent_kafka.serialization import MessageField, SerializationContext
-
+        """Decode with the writer schema the registry has for the message's id, resolved to
+        the current schema of its type (the same reader as the single-object serde)."""
         where = f"message on {topic}"
         if data is None or len(data) < 5 or data[:1] != CONFLUENT_MAGIC:
             raise CorruptMessageError(f"{where} is not in the Confluent wire format (bad header)")
         schema_id = struct.unpack(">I", data[1:5])[0]
-        name = self._writer_name(schema_id, where)
-        if name not in self.catalog.current:
-            raise UnknownSchemaError(f"{where}: schema id {schema_id} is a {name}, not a Beamstream event")
-        _check_expected(name, _expected_set(expected), topic)
-        deserializer = self._deserializers.get(name)
-        if deserializer is None:
-            deserializer = AvroDeserializer(self.client, self._schema_str(name))
-            self._deserializers[name] = deserializer
-        try:
-            value = deserializer(data, SerializationContext(topic, MessageField.VALUE))
-        except Exception as exc:
-            raise CorruptMessageError(f"{where}: {name} body cannot be decoded ({exc})") from None
-        return Decoded(name, value)
+        writer = self._writer(schema_id, where)
+        if writer.name not in self.catalog.current:
+            raise UnknownSchemaError(f"{where}: schema id {schema_id} is a {writer.name}, not a Beamstream event")
+        _check_expected(writer.name, _expected_set(expected), topic)
+        reader = self.catalog.current[writer.name]
+        return Decoded(writer.name, _read_body(bytes(data[5:]), writer, reader, where))
 
 
 def make_serde(schema_registry_url: str = "", client_config: dict | None = None) -> Serde:
