@@ -176,7 +176,11 @@ class LocalCluster:
         if not (self.data_dir / "meta.properties").is_file():
             self._format(java, classpath)
         self._start(java, classpath)
-        self._wait_ready(time.monotonic() + START_TIMEOUT_S)
+        try:
+            self._wait_ready(time.monotonic() + START_TIMEOUT_S)
+        except BaseException:
+            self.down()  # never leave a half-started broker behind
+            raise
         return self.status()
 
     def down(self, reset: bool = False) -> bool:

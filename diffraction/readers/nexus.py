@@ -296,7 +296,8 @@ class NexusSource(ImageSource):
                     f"{self.path}: data file {block.file_path.name} (linked as /entry/data/{block.label}) is missing"
                 )
             try:
-                handle = block.handle = h5py.File(block.file_path, "r")
+                # SWMR: readable while the detector's file writer still appends to it.
+                handle = block.handle = h5py.File(block.file_path, "r", swmr=True)
             except OSError as exc:
                 raise ImageReadError(f"{where}: cannot open as HDF5 (truncated or corrupt?): {exc}") from None
         try:
