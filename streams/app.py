@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 import faust
 
+from beamstream import metrics  # Prometheus counters (beamstream/metrics.py); served only when a port is set
 from beamstream.deadletters import dead_letter
 from beamstream.kafka_clients import make_producer
 from beamstream.settings import Settings
@@ -96,7 +97,7 @@ class Pipeline:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
         self.topics = {name: topic_name(settings, name) for name in
                        ("images", "collections", "results", "announce", "summaries", "requests",
-                        "deadletter", "heartbeats")}
+                        "samples", "deadletter", "heartbeats")}
         self.started_at = datetime.now(UTC)
         self.stats = {"images": 0.0, "dead_letters": 0.0, "summaries": 0.0, "partition_lost": 0.0}
         self._side_producer = None  # non-transactional: heartbeats and checks
@@ -174,6 +175,7 @@ class Pipeline:
                             dcid: int | None = None, image_number: int | None = None):
         message = event.message
         self.stats["dead_letters"] += 1
+        metrics.dead_lettered(error_type)
         log.warning("dead letter: %s", reason, extra={"dcid": dcid, "image": image_number,
                                                       "topic": message.topic, "offset": message.offset})
         value = dead_letter(
@@ -243,6 +245,8 @@ class Pipeline:
         topic = self.topics["results"]
         await self._commit_outputs(event, [(topic, dcid_key(dcid), self.serde.encode("ImageResult", result, topic))])
         self.stats["images"] += 1
+        metrics.image_analysed((result["result_time"] - image["arrival_time"]).total_seconds(),
+                               result["analysis_time_s"])
         log.info("image analysed", extra={
             "dcid": dcid, "image": number, "spots": result["n_spots_no_ice"],
             "d_min": result["estimated_d_min"],
@@ -265,7 +269,7 @@ class Pipeline:
             value["dcid"], value.get("processing_job_id"))
         changed = True
         if decoded.name == "ImageResult":
-            changed = cs.apply_result(state, value)
+            changed = cs.apply_result(state, value, now=time.time())
         elif decoded.name == "CollectionStarted":
             cs.apply_start(state, value)
         elif decoded.name == "CollectionEnded":
@@ -302,6 +306,7 @@ class Pipeline:
                                       "end": state.start_image_number + state.expected - 1}],
                     "requested_by": "beamstream", "event_time": now}))
             self.stats["summaries"] += 1
+            metrics.summary_published()
             log.info("collection summarised", extra={
                 "dcid": state.dcid, "status": status, "images": state.n_seen, "expected": state.expected,
                 "best_image": state.best_image})

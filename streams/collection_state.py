@@ -53,6 +53,7 @@ class CollectionState:
     counts: dict[int, int] = field(default_factory=dict)  # image number -> spots (grids only)
     summarized: bool = False
     announced: int = 0  # n_seen at the last progress announcement
+    last_activity: float | None = None  # worker clock (epoch s) when a new result last came in
 
     # -- bitmap -------------------------------------------------------------
     def has_image(self, image_number: int) -> bool:
@@ -92,6 +93,7 @@ class CollectionState:
         record = json.loads(self.to_json())
         record.pop("announced")
         record.pop("ended_at")
+        record.pop("last_activity")
         return record
 
 
@@ -119,12 +121,18 @@ def apply_end(state: CollectionState, ended: dict) -> None:
         state.images_collected = ended["images_collected"]
 
 
-def apply_result(state: CollectionState, result: dict) -> bool:
-    """Fold one ImageResult in; returns False (and changes nothing) for an image already seen."""
+def apply_result(state: CollectionState, result: dict, now: float | None = None) -> bool:
+    """Fold one ImageResult in; returns False (and changes nothing) for an image already seen.
+
+    ``now`` (the worker's clock) records activity, which postpones the timeout for
+    missing images while results are still coming in.
+    """
     image = result["image_number"]
     if state.has_image(image):
         return False
     state._mark(image)
+    if now is not None:
+        state.last_activity = now
     state.n_seen += 1
     spots = result["n_spots_no_ice"]
     state.total_spots += spots
@@ -168,7 +176,12 @@ def missing_images(state: CollectionState) -> list[int]:
 
 def completion(state: CollectionState, now: float, timeout_s: float) -> str | None:
     """``complete`` when every expected image has a result, ``incomplete`` when the
-    collection ended more than ``timeout_s`` ago without them, else None."""
+    collection ended and no new result came for ``timeout_s``, else None.
+
+    Measuring the timeout from the last activity, not from the end event, keeps a
+    slow or restarting worker's images from being declared missing while they are
+    still being analysed.
+    """
     if state.summarized or not state.started:
         return None
     expected = state.expected
@@ -176,8 +189,10 @@ def completion(state: CollectionState, now: float, timeout_s: float) -> str | No
         expected = min(expected, state.images_collected)
     if all(state.has_image(n) for n in range(state.start_image_number, state.start_image_number + expected)):
         return "complete" if expected == state.expected else "incomplete"
-    if state.ended and state.ended_at is not None and now - state.ended_at >= timeout_s:
-        return "incomplete"
+    if state.ended and state.ended_at is not None:
+        quiet_since = max(state.ended_at, state.last_activity or 0.0)
+        if now - quiet_since >= timeout_s:
+            return "incomplete"
     return None
 
 

@@ -20,7 +20,8 @@ and this module closes each of them for Beamstream's agents:
    being sent and its event being acknowledged; the committed transaction then
    holds the output but not the offset, and the event is processed twice after a
    crash. An app-wide *commit guard* makes "send outputs + ack event" one step
-   that a commit can never split: the commit path takes the same lock.
+   that a commit can never split: the commit path takes the same lock before it
+   even chooses which offsets to commit.
 
 4. After a rebalance faust seeks each partition it keeps to the committed offset
    it fetches from the group coordinator. aiokafka does not ask for *stable*
@@ -60,13 +61,13 @@ from typing import Any
 import faust
 from faust.events import Event
 from faust.exceptions import ProducerSendError
-from faust.transport.consumer import TransactionManager
+from faust.transport.consumer import Consumer
 
 log = logging.getLogger(__name__)
 
 _GUARD_ATTRIBUTE = "_beamstream_commit_guard"
 _PROGRESS_ATTRIBUTE = "_beamstream_processed"
-_original_commit = TransactionManager.commit
+_original_commit_tps = Consumer._commit_tps
 _original_event_ack = Event.ack
 _acknowledging = contextvars.ContextVar("beamstream_acknowledging", default=False)
 
@@ -89,14 +90,20 @@ def _processed(app: faust.App) -> dict:
     return progress
 
 
-async def _guarded_commit(self: TransactionManager, offsets: Any, start_new_transaction: bool = True) -> bool:
+async def _guarded_commit_tps(self: Consumer, tps: Any, start_new_transaction: bool) -> bool:
+    # The guard covers choosing the offsets as well as committing them: offsets
+    # chosen before an agent's "send + ack" step and committed after it would put
+    # that step's outputs in this transaction without their offsets.
+    if not self.app.in_transaction:
+        return await _original_commit_tps(self, tps, start_new_transaction)
     async with commit_guard(self.app):
+        tps = list(tps)
         try:
-            return await _original_commit(self, offsets, start_new_transaction=start_new_transaction)
+            return await _original_commit_tps(self, tps, start_new_transaction)
         except BaseException:
             # The outputs of these partitions' open transactions may be lost: never skip them.
             progress = _processed(self.app)
-            for tp in offsets:
+            for tp in tps:
                 progress.pop(tp, None)
             raise
 
@@ -120,8 +127,8 @@ def _acknowledge(event: faust.EventT) -> None:
 def install() -> None:
     """Patch faust: commits take the commit guard, and only our agents' own
     acknowledgements mark events done (idempotent)."""
-    if TransactionManager.commit is not _guarded_commit:
-        TransactionManager.commit = _guarded_commit  # type: ignore[method-assign]
+    if Consumer._commit_tps is not _guarded_commit_tps:
+        Consumer._commit_tps = _guarded_commit_tps  # type: ignore[method-assign]
     if Event.ack is not _event_ack:
         Event.ack = _event_ack  # type: ignore[method-assign]
 

@@ -75,6 +75,10 @@ def test_completion_and_summary():
     cs.apply_end(state, {"event_time": 100.0, "images_collected": 12})
     assert cs.completion(state, now=110, timeout_s=30) is None
     assert cs.completion(state, now=131, timeout_s=30) == "incomplete"
+    late = cs.CollectionState.from_json(state.to_json())
+    cs.apply_result(late, _result(13, 1), now=125.0)  # still analysing: the timeout restarts
+    assert cs.completion(late, now=131, timeout_s=30) is None
+    assert cs.completion(late, now=156, timeout_s=30) == "incomplete"
     cs.apply_result(state, _result(12, 50))
     assert cs.completion(state, now=0, timeout_s=30) == "complete"
     summary = cs.build_summary(state, "complete", T0)

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                         help="turn exactly-once processing off (only to measure its cost; results may "
                         "then be duplicated after a crash)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics (default: "
+                        "$BEAMSTREAM_METRICS_PORT, else off)")
     parser.set_defaults(func=run)
 
 
@@ -48,6 +51,9 @@ def build_pipeline(args: argparse.Namespace):
         raise BeamstreamError("--summary-timeout and --retry-backoff must be >= 0 and --retries >= 1")
     analysis = noop_analysis
     if args.analysis == "real":
+        from diffraction.analysis import warm_up
+
+        warm_up()  # compile the kernels before joining, not on the first image
         analysis = functools.partial(analyse_file, params=SpotFindingParams(backend=args.backend))
     options = PipelineOptions(summary_timeout_s=args.summary_timeout, retry_attempts=args.retries,
                               retry_backoff_s=args.retry_backoff, exactly_once=not args.at_least_once)
@@ -58,8 +64,13 @@ def run(args: argparse.Namespace) -> int:
     """Run the worker until SIGTERM/SIGINT."""
     from faust import Worker
 
+    from beamstream import metrics
+
     level = getattr(logging, args.log_level.upper())
     pipeline = build_pipeline(args)
+    port = metrics.metrics_port(args.metrics_port)
+    if port is not None:
+        metrics.serve(port)  # a daemon thread; it goes with the process
     configure_json_logging("worker", level)
     worker = Worker(pipeline.app, loglevel=args.log_level, quiet=True, redirect_stdouts=False,
                     override_logging=False)

@@ -1,0 +1,24 @@
+"""The README's first command, small: a simulated grid scan through real workers."""
+
+import subprocess
+import sys
+
+import pytest
+
+from beamstream.harness import worker_env
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def test_demo_prints_heat_map_and_xray_centre(kafka_settings):
+    result = subprocess.run(
+        [sys.executable, "-m", "beamstream", "demo", "--rows", "3", "--cols", "4", "--rate", "10",
+         "--workers", "1", "--seed", "3", "--no-dashboard"],
+        env=worker_env(kafka_settings), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "spots per grid position" in out and "12/12 images, complete" in out
+    assert "X-ray centre: row" in out and "true crystal centre: row" in out
+    found = out.split("X-ray centre: row ")[1].split(",")[0]
+    true = out.split("true crystal centre: row ")[1].split(",")[0]
+    assert abs(float(found) - float(true)) <= 1.0
