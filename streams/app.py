@@ -122,6 +122,8 @@ class Pipeline:
             broker_session_timeout=10.0,  # a killed worker's partitions move on within 10 s
             broker_heartbeat_interval=3.0,
         )
+        if options.exactly_once:
+            eos.use_stable_offsets(app.conf.id, settings.kafka_client_config())
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
         images = app.topic(self.topics["images"], **raw)
         grouped = app.topic(self.topics["results"], self.topics["collections"], **raw)

@@ -44,6 +44,14 @@ and this module closes each of them for Beamstream's agents:
    in-flight messages (so rebalances need not wait for it) but its offset is not
    marked done, the commit stops before it, and it is delivered again.
 
+6. Across workers, point 4's stale answer makes the new owner of a partition
+   process again events whose outputs another worker already committed (seen
+   after a broker restart, when the coordinator completes transactions late).
+   :func:`use_stable_offsets` makes the consumer confirm every committed-offset
+   fetch with librdkafka, which asks with ``require_stable`` (KIP-447) and waits
+   while a transactional offset commit is pending; the later of the two offsets
+   wins.
+
 Anything else unexpected from the transactional producer crashes the worker:
 a restarted worker fences the old producer and the broker aborts its open
 transaction, which is the safe outcome.
@@ -59,6 +67,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import faust
+from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.structs import OffsetAndMetadata
 from faust.events import Event
 from faust.exceptions import ProducerSendError
 from faust.transport.consumer import Consumer
@@ -68,6 +78,8 @@ log = logging.getLogger(__name__)
 _GUARD_ATTRIBUTE = "_beamstream_commit_guard"
 _PROGRESS_ATTRIBUTE = "_beamstream_processed"
 _original_commit_tps = Consumer._commit_tps
+_original_fetch_committed = GroupCoordinator._do_fetch_commit_offsets
+_stable_offset_sources: dict[str, Any] = {}  # consumer group id -> callable(list of TPs) -> {TP: offset}
 _original_event_ack = Event.ack
 _acknowledging = contextvars.ContextVar("beamstream_acknowledging", default=False)
 
@@ -82,7 +94,7 @@ def commit_guard(app: faust.App) -> asyncio.Lock:
 
 
 def _processed(app: faust.App) -> dict:
-    """source TP -> (producer instance, highest offset whose outputs it has sent)."""
+    """source TP -> (producer instance, offsets whose outputs it has sent)."""
     progress = getattr(app, _PROGRESS_ATTRIBUTE, None)
     if progress is None:
         progress = {}
@@ -124,6 +136,39 @@ def _acknowledge(event: faust.EventT) -> None:
         _acknowledging.reset(token)
 
 
+async def _fetch_stable_committed(self: GroupCoordinator, partitions):
+    offsets = await _original_fetch_committed(self, partitions)
+    source = _stable_offset_sources.get(self.group_id)
+    if source is None or not partitions:
+        return offsets
+    stable = await asyncio.to_thread(source, list(partitions))
+    for tp, offset in stable.items():
+        known = offsets.get(tp)
+        if offset >= 0 and (known is None or offset > known.offset):
+            log.info("committed offset of %s was stale (%s); resuming at %s", tp,
+                     known.offset if known else None, offset)
+            offsets[tp] = OffsetAndMetadata(offset, known.metadata if known else "")
+    return offsets
+
+
+def use_stable_offsets(group_id: str, client_config: dict) -> None:
+    """Confirm the committed offsets of ``group_id`` with a librdkafka client using
+    ``client_config`` (read_committed, so it asks for stable offsets)."""
+    from confluent_kafka import Consumer as RdKafkaConsumer
+    from confluent_kafka import TopicPartition
+
+    checker = RdKafkaConsumer({**client_config, "group.id": group_id, "enable.auto.commit": False,
+                               "isolation.level": "read_committed"})
+
+    def fetch(partitions) -> dict:
+        wanted = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        committed = checker.committed(wanted, timeout=30)
+        return {next(tp for tp in partitions if tp.topic == c.topic and tp.partition == c.partition): c.offset
+                for c in committed if c.error is None}
+
+    _stable_offset_sources[group_id] = fetch
+
+
 def install() -> None:
     """Patch faust: commits take the commit guard, and only our agents' own
     acknowledgements mark events done (idempotent)."""
@@ -131,6 +176,8 @@ def install() -> None:
         Consumer._commit_tps = _guarded_commit_tps  # type: ignore[method-assign]
     if Event.ack is not _event_ack:
         Event.ack = _event_ack  # type: ignore[method-assign]
+    if GroupCoordinator._do_fetch_commit_offsets is not _fetch_stable_committed:
+        GroupCoordinator._do_fetch_commit_offsets = _fetch_stable_committed  # type: ignore[method-assign]
 
 
 def _transaction_producer(app: faust.App, transactional_id: str):
@@ -146,12 +193,29 @@ def already_processed(app: faust.App, event: faust.EventT) -> bool:
     seen = _processed(app).get(tp)
     if seen is None:
         return False
-    producer, offset = seen
+    producer, offsets = seen
     current = _transaction_producer(app, transactional_id_for(app, event))
-    if current is producer and current is not None and event.message.offset <= offset:
+    # An exact set, not a high-water mark: events skipped by the stream leave holes
+    # below the highest offset sent, and those must be processed when they return.
+    if current is producer and current is not None and event.message.offset in offsets:
         _acknowledge(event)
         return True
     return False
+
+
+_REMEMBERED_PER_PARTITION = 200_000
+
+
+def _remember(app: faust.App, tp, producer, offset: int) -> None:
+    progress = _processed(app)
+    seen = progress.get(tp)
+    if seen is None or seen[0] is not producer:
+        seen = progress[tp] = (producer, set())
+    offsets = seen[1]
+    offsets.add(offset)
+    if len(offsets) > _REMEMBERED_PER_PARTITION:  # bound the memory of a long-lived worker
+        for old in sorted(offsets)[: len(offsets) // 2]:
+            offsets.discard(old)
 
 
 class PartitionLost(Exception):
@@ -210,8 +274,7 @@ async def send_in_transaction(
                     await producer.send(table.changelog_topic.get_topic_name(), key, value, partition,
                                         None, None, transactional_id=transactional_id)
                 table.pending.clear()
-            _processed(app)[event.message.tp] = (_transaction_producer(app, transactional_id),
-                                                 event.message.offset)
+            _remember(app, event.message.tp, _transaction_producer(app, transactional_id), event.message.offset)
         except ProducerSendError as exc:
             for table in tables:
                 table.pending.clear()

@@ -66,3 +66,48 @@ def kafka_settings(kafka_cluster) -> Settings:
     )
     apply_topics(settings)
     return settings
+
+
+# -- MariaDB (the real ISPyB database) -----------------------------------------------
+class MariaDB:
+    """The session's private MariaDB server (``scripts/mariadb``): its URL, and stop/start for outage tests."""
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "mariadb"
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.directory, self.port = directory, port
+        self.url = f"mysql+pymysql://beamstream:beamstream@127.0.0.1:{port}/ispyb"
+
+    def _run(self, action: str) -> None:
+        import subprocess
+
+        done = subprocess.run([str(self.script), action, "--dir", str(self.directory), "--port", str(self.port)],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            # CI installs MariaDB: a server that cannot start is a failure, never a skip.
+            pytest.fail(f"scripts/mariadb {action} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+
+    def start(self) -> None:
+        """Start (or restart) the server; returns once it answers."""
+        self._run("start")
+
+    def stop(self) -> None:
+        """Shut the server down cleanly."""
+        self._run("stop")
+
+
+@pytest.fixture(scope="session")
+def mariadb(tmp_path_factory) -> Iterator[MariaDB]:
+    """A MariaDB server for the whole session on a free loopback port, data in a temporary directory."""
+    server = MariaDB(tmp_path_factory.mktemp("mariadb"), free_port_pair())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_url(mariadb) -> str:
+    """SQLAlchemy URL of the session's MariaDB database ``ispyb`` (user beamstream)."""
+    return mariadb.url
