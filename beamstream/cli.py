@@ -15,7 +15,9 @@ import sys
 from beamstream.errors import BeamstreamError
 
 #: Modules under beamstream.commands, each with ``register(subparsers)``.
-COMMAND_MODULES = ("cluster", "topics", "config", "demo")
+COMMAND_MODULES = ("cluster", "topics", "config", "demo", "analyse", "worker", "watch", "simulate", "feedback",
+                   "dlq", "archiver", "replay", "ispyb_sink", "ispyb_schema", "go",
+                   "dashboard")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except _user_errors() as exc:
         print(f"beamstream {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

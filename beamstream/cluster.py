@@ -20,9 +20,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from beamstream import local_security
 from beamstream.artifacts import fetch_artifacts, load_lock
 from beamstream.errors import BeamstreamError
-from beamstream.settings import Settings
+from beamstream.settings import LOCAL_SERVICE_USER, Settings
 
 LOCK_FILE = Path(__file__).with_name("kafka-artifacts.json")
 MIN_JAVA = 17
@@ -45,9 +46,12 @@ class ClusterStatus:
     log_file: Path
     kafka_version: str
     formatted: bool
+    #: ``none`` or ``scram`` (``BEAMSTREAM_LOCAL_KAFKA_SECURITY``).
+    security: str = "none"
 
     def as_dict(self) -> dict:
         return {
+            "security": self.security,
             "running": self.running,
             "pid": self.pid,
             "bootstrap": self.bootstrap,
@@ -106,6 +110,9 @@ class LocalCluster:
         self.pid_file = self.root / "kafka.pid"
         self.config_file = self.root / "server.properties"
         self.log_file = self.log_dir / "server.log"
+        self.security = settings.local_kafka_security
+        # Which security the storage was formatted for: SCRAM needs the admin credential from format time.
+        self.security_marker = self.root / "formatted-security"
         self.port = settings.local_kafka_port
         self.controller_port = settings.local_kafka_port + 1
         repository, self.artifacts = load_lock(LOCK_FILE)
@@ -147,6 +154,7 @@ class LocalCluster:
             log_file=self.log_file,
             kafka_version=self.kafka_version,
             formatted=(self.data_dir / "meta.properties").is_file(),
+            security=self.security,
         )
 
     # -- commands ----------------------------------------------------------
@@ -170,14 +178,23 @@ class LocalCluster:
         if reset:
             self.reset()
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.security == "scram":
+            self.root.chmod(0o700)  # with ACLs on the wire, the topic data must not be readable on disk
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        formatted = (self.data_dir / "meta.properties").is_file()
+        if self.security == "scram" and formatted and self._formatted_security() != "scram":
+            raise ClusterError("the local cluster's storage was formatted without SCRAM credentials; "
+                               "run `beamstream cluster up --reset` to start it with "
+                               "BEAMSTREAM_LOCAL_KAFKA_SECURITY=scram (this deletes its topics)")
         self._write_config()
         classpath = os.pathsep.join(str(p) for p in jars)
-        if not (self.data_dir / "meta.properties").is_file():
+        if not formatted:
             self._format(java, classpath)
         self._start(java, classpath)
         try:
             self._wait_ready(time.monotonic() + START_TIMEOUT_S)
+            if self.security == "scram":
+                self._grant_service_user()
         except BaseException:
             self.down()  # never leave a half-started broker behind
             raise
@@ -214,6 +231,7 @@ class LocalCluster:
         if self.pid() is not None:
             raise ClusterError("refusing to reset a running cluster; stop it first")
         shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.security_marker.unlink(missing_ok=True)
 
     def tail_log(self, lines: int = 50) -> str:
         """The last ``lines`` lines of the broker log."""
@@ -257,7 +275,11 @@ class LocalCluster:
             "log.retention.check.interval.ms": "60000",
             "log.segment.bytes": str(64 * 1024 * 1024),
         }
-        self.config_file.write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
+        if self.security == "scram":
+            properties.update(local_security.broker_properties(
+                self.port, self.controller_port, local_security.admin_password(self.settings)))
+        # 0600: in scram mode the file holds the broker's own password (its JAAS lines).
+        local_security.write_private(self.config_file, "".join(f"{k}={v}\n" for k, v in properties.items()))
         (self.root / "log4j.properties").write_text(
             "log4j.rootLogger=INFO, file\n"
             "log4j.appender.file=org.apache.log4j.RollingFileAppender\n"
@@ -268,6 +290,8 @@ class LocalCluster:
             "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n\n"
             "log4j.logger.kafka=INFO\nlog4j.logger.org.apache.kafka=INFO\n"
             "log4j.logger.state.change.logger=WARN\nlog4j.logger.kafka.request.logger=WARN\n"
+            # Every denied request is an INFO line otherwise: a misconfigured client would flood the log.
+            "log4j.logger.kafka.authorizer.logger=WARN\n"
         )
 
     def _java_command(self, java: str, classpath: str, main: str, *args: str, heap: str = "512m") -> list[str]:
@@ -286,12 +310,62 @@ class LocalCluster:
         ]
 
     def _format(self, java: str, classpath: str) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        command = self._java_command(java, classpath, "kafka.tools.StorageTool", "format",
-                                     "-t", cluster_id, "-c", str(self.config_file), heap="256m")
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # the storage tool would read a leading "-" as an option
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        arguments = ["format", "-t", cluster_id, "-c", str(self.config_file)]
+        if self.security == "scram":
+            # The broker's own SCRAM credential must exist before it starts (its inter-broker login).
+            password = local_security.admin_password(self.settings)
+            arguments += ["--add-scram",
+                          f"{local_security.MECHANISM}=[name={local_security.ADMIN_USER},password={password}]"]
+        command = self._java_command(java, classpath, "kafka.tools.StorageTool", *arguments, heap="256m")
+        # The java launcher reads its arguments from an @file, so the password never shows in `ps`.
+        argfile = self.root / "format.args"
+        local_security.write_private(argfile, "".join(_argfile_quote(arg) + "\n" for arg in command[1:]))
+        try:
+            result = subprocess.run([command[0], f"@{argfile}"], capture_output=True, text=True, timeout=120)
+        finally:
+            argfile.unlink(missing_ok=True)
         if result.returncode != 0:
             raise ClusterError(f"formatting Kafka storage failed: {(result.stderr or result.stdout).strip()}")
+        self.security_marker.write_text(self.security + "\n")
+
+    def _formatted_security(self) -> str:
+        """The security the storage was formatted for (storage from before the marker existed: none)."""
+        try:
+            return self.security_marker.read_text().strip()
+        except OSError:
+            return "none"
+
+    def admin_config(self) -> dict:
+        """librdkafka options for an admin client of this cluster (the super user in scram mode)."""
+        config = {"bootstrap.servers": self.bootstrap}
+        if self.security == "scram":
+            config.update(local_security.sasl_config(local_security.ADMIN_USER,
+                                                     local_security.admin_password(self.settings)))
+        return config
+
+    def client_auth_help(self) -> str:
+        """How clients log in, naming settings and files, never the password itself."""
+        if self.security != "scram":
+            return "clients connect with PLAINTEXT (no authentication; BEAMSTREAM_LOCAL_KAFKA_SECURITY=none)"
+        return (f"clients authenticate with SASL_PLAINTEXT / {local_security.MECHANISM} as user "
+                f"{LOCAL_SERVICE_USER!r}: beamstream commands do so whenever BEAMSTREAM_LOCAL_KAFKA_SECURITY=scram; "
+                "other clients set BEAMSTREAM_SECURITY_PROTOCOL=SASL_PLAINTEXT, "
+                f"BEAMSTREAM_SASL_MECHANISM={local_security.MECHANISM}, "
+                f"BEAMSTREAM_SASL_USERNAME={LOCAL_SERVICE_USER} and "
+                f"BEAMSTREAM_SASL_PASSWORD_FILE={self._service_password_source()}")
+
+    def _service_password_source(self) -> str:
+        return os.environ.get("BEAMSTREAM_SASL_PASSWORD_FILE") or str(
+            local_security.service_password_file(self.settings))
+
+    def _grant_service_user(self) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({**self.admin_config(), "log_level": 0, "logger": _SilentLogger()})
+        local_security.grant_service_user(admin, self.settings, local_security.service_password(self.settings))
 
     def _start(self, java: str, classpath: str) -> None:
         command = self._java_command(java, classpath, "kafka.Kafka", str(self.config_file), heap="1g")
@@ -310,8 +384,7 @@ class LocalCluster:
     def _wait_ready(self, deadline: float) -> None:
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0,
-                             "logger": _SilentLogger()})
+        admin = AdminClient({**self.admin_config(), "log_level": 0, "logger": _SilentLogger()})
         last_error = "no answer"
         while time.monotonic() < deadline:
             if self.pid() is None:
@@ -336,6 +409,11 @@ class _SilentLogger:
 
     def __getattr__(self, name):
         return lambda *a, **k: None
+
+
+def _argfile_quote(argument: str) -> str:
+    """One argument of a java launcher @file: double-quoted, backslashes and quotes escaped."""
+    return '"' + argument.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _alive(pid: int) -> bool:

@@ -101,7 +101,8 @@ class TopicReader:
         self.raw: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
         self.topics = {topic_name(settings, t): t for t in logical_topics}
         self._raw_topics = list(raw_topics)
-        self._consumer = make_consumer(settings, f"test-reader-{uuid.uuid4().hex}")
+        # Under the prefix like every group of a deployment (prefix ACLs in scram mode).
+        self._consumer = make_consumer(settings, f"{settings.topic_prefix}test-reader-{uuid.uuid4().hex}")
         self._consumer.subscribe(list(self.topics) + self._raw_topics)
         self._stop = threading.Event()
         self._lock = threading.Lock()

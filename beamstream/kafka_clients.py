@@ -69,3 +69,27 @@ def make_consumer(
 def make_admin(settings: Settings, **extra: Any) -> AdminClient:
     """An admin client for the configured cluster."""
     return AdminClient({**settings.kafka_client_config(), "logger": _librdkafka_logger(), **extra})
+
+
+def connection_problem(settings: Settings, exc: Exception) -> str:
+    """Why a request to the cluster failed, in words: a SASL login refused says so.
+
+    librdkafka reports a refused login only through its error callback; the failed request
+    itself just says "transport failure", so with SASL a short probe asks again and listens.
+    """
+    text = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+    if not settings.security_protocol.startswith("SASL"):
+        return text
+    from confluent_kafka import KafkaError, KafkaException
+
+    errors: list = []
+    probe = AdminClient({**settings.kafka_client_config(), "error_cb": errors.append, "log_level": 0})
+    try:
+        probe.list_topics(timeout=5)
+    except KafkaException:
+        probe.poll(0.5)  # serves the error callbacks
+    for error in errors:
+        if error.code() == KafkaError._AUTHENTICATION:
+            return (f"authentication failed as {settings.sasl_username!r} ({settings.sasl_mechanism}); "
+                    f"check BEAMSTREAM_SASL_USERNAME and the password: {error.str()}")
+    return text

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,9 @@ from beamstream.errors import SettingError
 ENV_PREFIX = "BEAMSTREAM_"
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+LOCAL_KAFKA_SECURITY = ("none", "scram")
+#: The local cluster's service user in ``scram`` mode: every Beamstream client authenticates as it.
+LOCAL_SERVICE_USER = "beamstream"
 
 
 def _default_home() -> Path:
@@ -39,6 +42,9 @@ class Settings:
     bootstrap_servers: str = ""
     #: Port of the local cluster's client listener (its controller uses port + 1).
     local_kafka_port: int = 39092
+    #: Security of the local cluster: ``none`` (PLAINTEXT, anyone on this host may connect) or ``scram``
+    #: (SASL/SCRAM-SHA-512 and ACLs; commands then authenticate as the ``beamstream`` service user).
+    local_kafka_security: str = "none"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = ""
     sasl_username: str = ""
@@ -54,6 +60,14 @@ class Settings:
     ispyb_url: str = ""
     #: Directories image events may point into (os.pathsep-separated in the environment).
     data_roots: tuple[str, ...] = ()
+    #: Where the archiver writes collection manifests (``<archive_root>/<dcid>/``); empty means
+    #: next to the data, as ``<template stem>.manifest.json``.
+    archive_root: str = ""
+    #: Staff token for the dashboard's actions (reinject, reprocess); empty: read-only unless a file is set.
+    #: ``name:secret`` names the holder in the action log. Prefer ``dashboard_token_file`` in production.
+    dashboard_token: str = ""
+    #: File of dashboard staff tokens, one ``name:secret`` (or bare secret) per line; re-read on each action.
+    dashboard_token_file: str = ""
     #: Prefix of every topic name, so several deployments can share one cluster.
     topic_prefix: str = "beamstream."
     image_partitions: int = 12
@@ -67,6 +81,11 @@ class Settings:
     def uses_local_cluster(self) -> bool:
         """True when no external cluster is configured and the launcher manages one."""
         return not self.bootstrap_servers
+
+    @property
+    def local_kafka_secrets_dir(self) -> Path:
+        """Where the local cluster keeps its generated passwords (mode 0700, files 0600)."""
+        return self.home / "kafka" / "secrets"
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -98,6 +117,8 @@ class Settings:
         return config
 
 
+_PATH_LIKE = ("home", "cache_dir", "data_roots")
+
 _INT_RANGES = {
     "local_kafka_port": (1, 65534),
     "local_registry_port": (1, 65535),
@@ -120,6 +141,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         return value
     if name in ("home", "cache_dir"):
         return Path(str(raw)).expanduser()
+    if name == "archive_root" and isinstance(raw, str | Path):
+        return str(Path(raw).expanduser()) if str(raw).strip() else ""
     if name == "data_roots":
         items = raw.split(os.pathsep) if isinstance(raw, str) else list(raw)
         return tuple(str(Path(p).expanduser()) for p in items if str(p).strip())
@@ -129,6 +152,11 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         value = raw.upper()
         if value not in SECURITY_PROTOCOLS:
             raise SettingError(f"{where}: must be one of {', '.join(SECURITY_PROTOCOLS)}, got {raw!r}")
+        return value
+    if name == "local_kafka_security":
+        value = raw.strip().lower() or "none"
+        if value not in LOCAL_KAFKA_SECURITY:
+            raise SettingError(f"{where}: must be one of {', '.join(LOCAL_KAFKA_SECURITY)}, got {raw!r}")
         return value
     if name == "sasl_mechanism" and raw:
         value = raw.upper()
@@ -198,9 +226,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     for name, raw in overrides.items():
         if name not in names:
             raise SettingError(f"unknown setting {name!r}")
-        values[name] = raw
+        values[name] = _convert(name, raw, "override") if isinstance(raw, str) or name in _PATH_LIKE else raw
 
-    settings = Settings(**values)
+    settings = _local_scram_client(Settings(**values))
     if settings.sasl_mechanism and not settings.security_protocol.startswith("SASL"):
         raise SettingError(
             f"{ENV_PREFIX}SASL_MECHANISM is set but {ENV_PREFIX}SECURITY_PROTOCOL is "
@@ -208,3 +236,27 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         )
     return settings
 
+
+
+def _local_scram_client(settings: Settings) -> Settings:
+    """In ``scram`` mode, point clients of the local cluster at its SASL listener as the service user.
+
+    The password is whatever ``BEAMSTREAM_SASL_PASSWORD[_FILE]`` gave, else the one the launcher generated
+    under :attr:`Settings.local_kafka_secrets_dir` (absent until the first ``cluster up``). Explicit SASL
+    settings win, so an operator can still log in as another user.
+    """
+    if settings.local_kafka_security != "scram" or not settings.uses_local_cluster:
+        return settings
+    password = settings.sasl_password
+    if not password:
+        try:
+            password = (settings.local_kafka_secrets_dir / f"{LOCAL_SERVICE_USER}.password").read_text().strip()
+        except OSError:
+            password = ""  # not generated yet: `beamstream cluster up` creates it
+    return replace(
+        settings,
+        security_protocol="SASL_PLAINTEXT" if settings.security_protocol == "PLAINTEXT" else settings.security_protocol,
+        sasl_mechanism=settings.sasl_mechanism or "SCRAM-SHA-512",
+        sasl_username=settings.sasl_username or LOCAL_SERVICE_USER,
+        sasl_password=password,
+    )

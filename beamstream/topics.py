@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from beamstream.errors import BeamstreamError
-from beamstream.kafka_clients import make_admin
+from beamstream.kafka_clients import connection_problem, make_admin
 from beamstream.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
@@ -116,7 +116,8 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
-        raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
+        problem = connection_problem(settings, exc)
+        raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {problem}") from None
     changes: list[TopicChange] = []
     specs = declared_topics(settings)
 
@@ -174,7 +175,8 @@ def list_topics(settings: Settings, timeout: float = 30.0) -> list[dict]:
     try:
         existing = make_admin(settings).list_topics(timeout=timeout).topics
     except KafkaException as exc:
-        raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
+        problem = connection_problem(settings, exc)
+        raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {problem}") from None
     rows = []
     for spec in declared_topics(settings):
         name = spec.name(settings)

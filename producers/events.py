@@ -126,8 +126,10 @@ class EventPublisher:
     def __init__(self, settings: Settings, transactional_id: str | None = None, serde: Serde | None = None):
         self.settings = settings
         self.serde = serde or make_serde(settings.schema_registry_url)
+        # Under the deployment's prefix, like every id it owns: deployments sharing a cluster do not
+        # collide, and prefix ACLs (BEAMSTREAM_LOCAL_KAFKA_SECURITY=scram) cover it.
         self.transactional_id = transactional_id or (
-            f"beamstream-producer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            f"{settings.topic_prefix}producer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
         self._producer = make_producer(settings, transactional_id=self.transactional_id)
         self._topics = {record: topic_name(settings, logical) for record, logical in RECORD_TOPICS.items()}

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"Kafka {status.kafka_version} is up at {status.bootstrap} (pid {status.pid}, "
                   f"{time.monotonic() - started:.1f} s); data in {status.data_dir}")
+            print(cluster.client_auth_help())
     elif args.action == "down":
         was_running = cluster.down(reset=args.reset)
         print("stopped" if was_running else "not running", end="")
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
             state = f"running (pid {status.pid})" if status.running else "stopped"
             print(f"Kafka {status.kafka_version} at {status.bootstrap}: {state}\n"
                   f"data: {status.data_dir} ({'formatted' if status.formatted else 'not formatted'})\n"
-                  f"log:  {status.log_file}")
+                  f"log:  {status.log_file}\n"
+                  f"security: {status.security}")
         return 0 if status.running else 3
     elif args.action == "logs":
         print(cluster.tail_log(args.lines))

@@ -8,7 +8,7 @@ import dataclasses
 from beamstream.commands.output import add_json_flag, print_json, print_table
 from beamstream.settings import ENV_PREFIX, load_settings
 
-SECRET_FIELDS = {"sasl_password"}
+SECRET_FIELDS = {"sasl_password", "dashboard_token"}
 
 
 def register(subparsers) -> None:

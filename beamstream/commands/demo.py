@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=2, help="analysis worker processes (default 2)")
     parser.add_argument("--detector", default="eiger2-1m", help="simulated detector (default eiger2-1m)")
     parser.add_argument("--seed", type=int, default=7, help="crystal position seed (default 7)")
+    parser.add_argument("--dashboard-port", type=int, default=8080, metavar="PORT",
+                        help="port of the web dashboard (default 8080; 0 picks a free one)")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not serve the web dashboard")
     parser.set_defaults(func=run)
 
 
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     workers = [WorkerProcess(settings, log_dir, f"worker{i}", "--summary-timeout", "15").start()
                for i in range(args.workers)]
     print(f"started {args.workers} analysis workers (logs in {log_dir})")
+    dashboard = None if args.no_dashboard else _start_dashboard(settings, args.dashboard_port)
     try:
         n_images = args.rows * args.cols
         with tqdm(total=n_images, desc="images announced", unit="img", file=sys.stderr) as bar:
@@ -80,8 +84,38 @@ def run(args: argparse.Namespace) -> int:
         for worker in workers:
             worker.terminate()
         reader.close()
+        if dashboard is not None and sys.exc_info()[0] is not None:
+            dashboard.stop()
     _print_summary(summary, report)
+    if dashboard is not None:
+        _linger(dashboard)
     return 0
+
+
+def _linger(dashboard) -> None:
+    """At a terminal, keep the page up for looking at until Ctrl-C; elsewhere (scripts, CI) just stop."""
+    try:
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            print(f"\ndashboard still at {dashboard.url}: press Ctrl-C to stop")
+            while True:
+                time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dashboard.stop()
+
+
+def _start_dashboard(settings: Settings, port: int):
+    """Serve the dashboard from a thread of this process; print its address (a busy port is not fatal)."""
+    from dashboard.server import DashboardServer
+
+    try:
+        server = DashboardServer(settings, "127.0.0.1", port).start()
+    except OSError as exc:
+        print(f"dashboard not started: {exc} (try --dashboard-port 0)")
+        return None
+    print(f"dashboard: {server.url}")
+    return server
 
 
 def _wait_for_summary(reader: TopicReader, dcid: int, n_images: int) -> dict:
