@@ -54,10 +54,12 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """One `beamstream worker` process with its log in a file."""
+    """One long-running `beamstream` service process (a worker by default) with its log in a file."""
 
-    def __init__(self, settings: Settings, log_dir: Path, name: str, *args: str) -> None:
+    def __init__(self, settings: Settings, log_dir: Path, name: str, *args: str, command: str = "worker") -> None:
         self.settings, self.log_dir, self.name, self.args = settings, log_dir, name, args
+        self.command = command
+        self.retired = False  # stopped on purpose: a Supervisor leaves it down
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -65,7 +67,7 @@ class WorkerProcess:
         self.starts += 1
         log = open(self.log_dir / f"{self.name}-{self.starts}.log", "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "beamstream", "worker", *self.args],
+            [sys.executable, "-m", "beamstream", self.command, *self.args],
             env=worker_env(self.settings), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
 
@@ -89,6 +91,33 @@ class WorkerProcess:
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob(f"{self.name}-*.log")))
+
+
+class Supervisor:
+    """Restarts worker processes that exit while they should run, as systemd or Kubernetes would."""
+
+    def __init__(self, workers: list[WorkerProcess], delay_s: float = 1.0) -> None:
+        self.workers = workers
+        self.delay_s = delay_s
+        self.restarts: list[tuple[str, int | None]] = []  # (worker, exit code)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            for worker in list(self.workers):
+                if worker.retired or worker.process is None or worker.process.poll() is None:
+                    continue
+                self.restarts.append((worker.name, worker.process.returncode))
+                time.sleep(self.delay_s)
+                if not self._stop.is_set() and not worker.retired:
+                    worker.start()
+
+    def stop(self) -> None:
+        """Stop supervising (before the workers are terminated)."""
+        self._stop.set()
+        self._thread.join(10)
 
 
 class TopicReader:

@@ -22,3 +22,5 @@ def test_demo_prints_heat_map_and_xray_centre(kafka_settings):
     found = out.split("X-ray centre: row ")[1].split(",")[0]
     true = out.split("true crystal centre: row ")[1].split(",")[0]
     assert abs(float(found) - float(true)) <= 1.0
+    assert "ISPyB: 12 rows for dcid" in out
+    assert "archive manifest: " in out and " files, " in out and "MB, complete)" in out

@@ -67,10 +67,13 @@ def run(args: argparse.Namespace) -> int:
 
     log_dir = settings.home / "demo-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    reader = TopicReader(settings, ["results", "announce", "summaries"])
+    database = _prepare_database(settings)
+    reader = TopicReader(settings, ["results", "announce", "summaries", "archive"])
     workers = [WorkerProcess(settings, log_dir, f"worker{i}", "--summary-timeout", "15").start()
                for i in range(args.workers)]
-    print(f"started {args.workers} analysis workers (logs in {log_dir})")
+    workers.append(WorkerProcess(settings, log_dir, "ispyb-sink", command="ispyb-sink").start())
+    workers.append(WorkerProcess(settings, log_dir, "archiver", command="archiver").start())
+    print(f"started {args.workers} analysis workers, the ISPyB sink and the archiver (logs in {log_dir})")
     dashboard = None if args.no_dashboard else _start_dashboard(settings, args.dashboard_port)
     try:
         n_images = args.rows * args.cols
@@ -80,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"simulated grid scan dcid {report.dcid}: {report.emitted} images of a {report.detector} "
               f"in {Path(report.file_template).parent}")
         summary = _wait_for_summary(reader, report.dcid, n_images)
+        stored = _wait_for_rows(database, report.dcid, n_images)
+        archived = _wait_for_archive(reader, report.dcid)
     finally:
         for worker in workers:
             worker.terminate()
@@ -87,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
         if dashboard is not None and sys.exc_info()[0] is not None:
             dashboard.stop()
     _print_summary(summary, report)
+    print(f"\nISPyB: {stored} rows for dcid {report.dcid} in ImageQualityIndicators at {settings.database_url}")
+    if archived is not None:
+        print(f"archive manifest: {archived['manifest_path']} ({archived['files']} files, "
+              f"{archived['total_bytes'] / 1e6:.1f} MB, {'complete' if archived['complete'] else 'incomplete'})")
+    else:
+        print("archive manifest: not written within the time limit; see the archiver log")
     if dashboard is not None:
         _linger(dashboard)
     return 0
@@ -116,6 +127,42 @@ def _start_dashboard(settings: Settings, port: int):
         return None
     print(f"dashboard: {server.url}")
     return server
+
+
+def _prepare_database(settings: Settings):
+    """The demo's ISPyB database (SQLite unless BEAMSTREAM_ISPYB_URL says otherwise), schema created."""
+    from connectors.ispyb_schema import create_schema, make_engine
+
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    return engine
+
+
+def _wait_for_rows(engine, dcid: int, expected: int, timeout: float = 60.0) -> int:
+    """ImageQualityIndicators rows of ``dcid`` once the sink has stored them all (or the time is up)."""
+    from sqlalchemy import text
+
+    deadline = time.monotonic() + timeout
+    count = 0
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            count = connection.execute(
+                text("SELECT COUNT(*) FROM ImageQualityIndicators WHERE dataCollectionId = :dcid"),
+                {"dcid": dcid}).scalar_one()
+        if count >= expected:
+            break
+        time.sleep(0.5)
+    return count
+
+
+def _wait_for_archive(reader: TopicReader, dcid: int, timeout: float = 60.0) -> dict | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = reader.values("archive", "ArchiveComplete", dcid)
+        if done:
+            return done[0]
+        time.sleep(0.3)
+    return None
 
 
 def _wait_for_summary(reader: TopicReader, dcid: int, n_images: int) -> dict:
