@@ -12,8 +12,6 @@ import base64
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -23,6 +21,7 @@ from pathlib import Path
 from beamstream import local_security
 from beamstream.artifacts import fetch_artifacts, load_lock
 from beamstream.errors import BeamstreamError
+from beamstream.processes import alive, kill_process, port_is_free, stop_process, tail_file
 from beamstream.settings import LOCAL_SERVICE_USER, Settings
 
 LOCK_FILE = Path(__file__).with_name("kafka-artifacts.json")
@@ -141,7 +140,7 @@ class LocalCluster:
         except OSError:
             return pid
         if not cmdline:  # inside execve() right after Popen (or a zombie): not yet recognisable
-            return pid if _alive(pid) else None
+            return pid if alive(pid) else None
         return pid if b"kafka.Kafka" in cmdline else None
 
     def status(self) -> ClusterStatus:
@@ -204,14 +203,7 @@ class LocalCluster:
         """Stop the broker cleanly (SIGTERM, then SIGKILL after a timeout). True if one was running."""
         pid = self.pid()
         if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.2)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-                while _alive(pid):
-                    time.sleep(0.1)
+            stop_process(pid, STOP_TIMEOUT_S)
         self.pid_file.unlink(missing_ok=True)
         if reset:
             self.reset()
@@ -221,9 +213,7 @@ class LocalCluster:
         """Kill the broker with SIGKILL (crash tests): no clean shutdown."""
         pid = self.pid()
         if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
-                time.sleep(0.05)
+            kill_process(pid)
         self.pid_file.unlink(missing_ok=True)
 
     def reset(self) -> None:
@@ -235,14 +225,7 @@ class LocalCluster:
 
     def tail_log(self, lines: int = 50) -> str:
         """The last ``lines`` lines of the broker log."""
-        if not self.log_file.is_file():
-            return ""
-        with self.log_file.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 256 * 1024))
-            text = handle.read().decode(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return tail_file(self.log_file, lines)
 
     # -- internals ---------------------------------------------------------
     def _write_config(self) -> None:
@@ -416,29 +399,8 @@ def _argfile_quote(argument: str) -> str:
     return '"' + argument.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-        return state != "Z"
-    except OSError:
-        return True
-
 
 def _check_port_free(port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            raise ClusterError(
-                f"port {port} on 127.0.0.1 is taken by another process; "
-                "choose another with BEAMSTREAM_LOCAL_KAFKA_PORT"
-            ) from None
+    if not port_is_free(port):
+        raise ClusterError(f"port {port} on 127.0.0.1 is taken by another process; "
+                           "choose another with BEAMSTREAM_LOCAL_KAFKA_PORT")

@@ -15,10 +15,7 @@ Logs and the pid file live under ``<home>/registry``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -29,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from beamstream.artifacts import Artifact, fetch_artifacts, load_lock
-from beamstream.cluster import _alive, find_java
+from beamstream.cluster import find_java
 from beamstream.errors import BeamstreamError
+from beamstream.processes import alive, port_is_free, stop_process, tail_file
 from beamstream.settings import Settings
 
 LOCK_FILE = Path(__file__).with_name("registry-artifacts.json")
@@ -102,7 +100,7 @@ class LocalRegistry:
         except (OSError, ValueError):
             return None
         try:
-            if not _alive(pid):
+            if not alive(pid):
                 return None
         except PermissionError:  # a stale pid file naming someone else's process
             return None
@@ -154,14 +152,7 @@ class LocalRegistry:
         """Stop the registry (SIGTERM, then SIGKILL after a timeout). True if one was running."""
         pid = self.pid()
         if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.1)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-                while _alive(pid):
-                    time.sleep(0.05)
+            stop_process(pid, STOP_TIMEOUT_S)
         self.pid_file.unlink(missing_ok=True)
         self._process = None
         return pid is not None
@@ -194,14 +185,7 @@ class LocalRegistry:
 
     def tail_log(self, lines: int = 50) -> str:
         """The last ``lines`` lines of the registry log."""
-        if not self.log_file.is_file():
-            return ""
-        with self.log_file.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 256 * 1024))
-            text = handle.read().decode(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return tail_file(self.log_file, lines)
 
     # -- internals ---------------------------------------------------------
     def _unpacked_sha256(self) -> str:
@@ -285,12 +269,6 @@ def _unpack(archive: Path, target: Path) -> None:
 
 
 def _check_port_free(port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            raise RegistryError(
-                f"port {port} on 127.0.0.1 is taken by another process; "
-                "choose another with BEAMSTREAM_LOCAL_REGISTRY_PORT"
-            ) from None
+    if not port_is_free(port):
+        raise RegistryError(f"port {port} on 127.0.0.1 is taken by another process; "
+                           "choose another with BEAMSTREAM_LOCAL_REGISTRY_PORT")
