@@ -18,28 +18,28 @@ from dashboard.view import DashboardView
 from dashboard.web import create_app
 
 DCID = 4242
-NOW = datetime.now(UTC)
 GRID = {"rows": 2, "columns": 3, "step_x_um": 20.0, "step_y_um": 20.0, "origin_x_mm": 0.0, "origin_y_mm": 0.0,
         "snaked": True, "plane": "xy"}
 
 
 def _filled_view() -> DashboardView:
     """A view as the feed would leave it after a 2x3 snaked grid scan, a heartbeat and a dead letter."""
+    now = datetime.now(UTC)  # at call time: a heartbeat older than 20 s would show as stale
     view = DashboardView()
     view.apply("collections", "CollectionStarted", {
         "dcid": DCID, "processing_job_id": None, "experiment_type": "grid", "beamline": "i03",
         "number_of_images": 6, "start_image_number": 1, "file_template": "/data/x_####.cbf", "grid": GRID,
-        "event_time": NOW})
+        "event_time": now})
     for image, spots in zip(range(1, 6), (1, 5, 9, 30, 12), strict=True):
         view.apply("results", "ImageResult", {"dcid": DCID, "processing_job_id": None, "image_number": image,
                                               "n_spots_no_ice": spots, "estimated_d_min": 2.5})
     view.apply("heartbeats", "ServiceHeartbeat", {
         "service_id": "worker-1", "service_type": "worker", "host": "h", "pid": 1, "status": "running",
-        "version": "0.1.0", "started_at": NOW, "sent_at": NOW, "stats": {"images": 5.0}})
+        "version": "0.1.0", "started_at": now, "sent_at": now, "stats": {"images": 5.0}})
     view.apply("deadletter", "DeadLetter", {
         "reason": "no such file", "error_type": "ImageReadError", "service": "worker/images", "source_topic": "x",
         "source_partition": 0, "source_offset": 3, "key": b"4242", "payload": b"", "headers": [], "attempts": 3,
-        "reinjected_count": 0, "dcid": DCID, "image_number": 6, "failed_at": NOW}, partition=1, offset=7)
+        "reinjected_count": 0, "dcid": DCID, "image_number": 6, "failed_at": now}, partition=1, offset=7)
     return view
 
 
