@@ -168,3 +168,22 @@ class TopicReader:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+def read_decoded(settings: Settings, topics: list[str], serde, count: int, timeout: float = 30.0) -> dict:
+    """Read ``count`` events from the start of ``topics`` (full names) with a fresh group:
+    {(topic, record type): value}, later events of the same key replacing earlier ones."""
+    consumer = make_consumer(settings, f"{settings.topic_prefix}read-{uuid.uuid4().hex}")
+    consumer.subscribe(topics)
+    received: dict = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(received) < count and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None or message.error():
+                continue
+            decoded = serde.decode(message.value(), message.topic())
+            received[(message.topic(), decoded.name)] = decoded.value
+    finally:
+        consumer.close()
+    return received

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
@@ -21,7 +20,8 @@ import pytest
 from fastavro.schema import to_parsing_canonical_form
 
 from beamstream.artifacts import load_lock
-from beamstream.kafka_clients import make_consumer, make_producer
+from beamstream.harness import read_decoded
+from beamstream.kafka_clients import make_producer
 from beamstream.registry import LOCK_FILE, LocalRegistry, RegistryError
 from beamstream.settings import load_settings
 from beamstream.topics import declared_topics
@@ -301,15 +301,4 @@ def test_every_record_type_round_trips_through_its_real_topic(registry: LocalReg
     assert producer.flush(30) == 0
 
     reader = RegistrySerde(registry.url)
-    consumer = make_consumer(kafka_settings, f"rt-{uuid.uuid4().hex}")
-    consumer.subscribe(topics)
-    received = {}
-    deadline = time.monotonic() + 30
-    while len(received) < len(expected) and time.monotonic() < deadline:
-        message = consumer.poll(0.5)
-        if message is None or message.error():
-            continue
-        decoded = reader.decode(message.value(), message.topic())
-        received[(message.topic(), decoded.name)] = decoded.value
-    consumer.close()
-    assert received == expected
+    assert read_decoded(kafka_settings, topics, reader, len(expected)) == expected

@@ -1,13 +1,12 @@
 """Avro contracts: round trips through real topics, schema evolution, typed decode errors."""
 
 import io
-import time
-import uuid
 
 import fastavro
 import pytest
 
-from beamstream.kafka_clients import make_consumer, make_producer
+from beamstream.harness import read_decoded
+from beamstream.kafka_clients import make_producer
 from beamstream.topics import declared_topics
 from schemas.samples import sample_event, sample_names
 from schemas.serde import (
@@ -97,18 +96,7 @@ def test_every_schema_round_trips_through_its_real_topic(kafka_settings):
             expected[(topic, name)] = sample_event(name)
     assert producer.flush(30) == 0
 
-    consumer = make_consumer(kafka_settings, f"rt-{uuid.uuid4().hex}")
-    consumer.subscribe(topics)
-    received = {}
-    deadline = time.monotonic() + 30
-    while len(received) < len(expected) and time.monotonic() < deadline:
-        message = consumer.poll(0.5)
-        if message is None or message.error():
-            continue
-        decoded = serde.decode(message.value(), message.topic())
-        received[(message.topic(), decoded.name)] = decoded.value
-    consumer.close()
-    assert received == expected
+    assert read_decoded(kafka_settings, topics, serde, len(expected)) == expected
 
 
 def test_corrupted_body_is_a_corrupt_message_error():
