@@ -22,7 +22,8 @@ def render_heat_map(counts: list[int], rows: int, columns: int,
             if (row, column) == marked:
                 cells.append("X".rjust(width))
             else:
-                shade = SHADES[min(len(SHADES) - 1, int(value / peak * (len(SHADES) - 1)))] if peak else " "
+                # Any spots at all show at least the weakest shade; "·" is kept for none.
+                shade = SHADES[max(1, min(len(SHADES) - 1, int(value / peak * (len(SHADES) - 1))))]
                 cells.append((shade * width) if value else "·".rjust(width))
         lines.append(f"{row:>4} " + " ".join(cells))
     lines.append(f"      shading: '{SHADES[1]}' weak ... '{SHADES[-1]}' {peak} spots;  X = X-ray centre")

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from beamstream.heatmap import render_heat_map
 from diffraction.centring import GridShape, combine_orthogonal, find_xray_centre
 from streams import collection_state as cs
 from streams import sample_centring
@@ -100,3 +101,13 @@ def test_sample_centre_once_per_orthogonal_pair():
     assert sample_centring.record_grid_summary(state, xz, T0) is None  # the same pair again
     state = sample_centring.load(sample_centring.dump(state))
     assert state["published"] == [[1, 2]]
+
+
+def test_heat_map_text_marks_centre_weak_and_empty_positions():
+    text = render_heat_map([0, 1, 90, 0, 100, 0], rows=2, columns=3, centre=(1.2, 0.8))
+    lines = text.splitlines()
+    assert lines[1].split() == ["0", "·", "...", "%%%"]  # 1 spot of 100 still shows as the weakest shade
+    assert lines[2].split() == ["1", "·", "X", "·"]
+    assert "100 spots" in lines[-1]
+    with pytest.raises(ValueError):
+        render_heat_map([1, 2, 3], rows=2, columns=2)
