@@ -14,7 +14,7 @@ no spot below the fitted line); :class:`PerImageStatistics` uses ``None``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
 import numpy as np
@@ -26,19 +26,6 @@ from diffraction.resolution import spot_rlp_norm
 ICE_CELL_A = 4.498
 ICE_CELL_C = 7.338
 DEFAULT_ICE_RING_WIDTH = 0.004  # full width in d*^2 (1/Å^2)
-STAT_FIELDS: tuple[str, ...] = (
-    "n_spots_total",
-    "n_spots_no_ice",
-    "n_spots_4A",
-    "total_intensity",
-    "estimated_d_min",
-    "d_min_distl_method_1",
-    "d_min_distl_method_2",
-    "noisiness_method_1",
-    "noisiness_method_2",
-)
-
-
 @dataclass(frozen=True)
 class PerImageStatistics:
     """The nine per-image-analysis figures; ``None`` where DIALS reports -1."""
@@ -56,6 +43,10 @@ class PerImageStatistics:
     def to_dict(self) -> dict:
         """Plain dict with the DIALS field names."""
         return asdict(self)
+
+
+#: The nine DIALS field names, in DIALS's order (derived, so they cannot drift from the class).
+STAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PerImageStatistics))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 from diffraction.analysis import SpotFindingParams, analyse_image
 from diffraction.readers import open_image
 from diffraction.resolution import spot_rlp_norm
+from diffraction.statistics import PerImageStatistics
 
 BRIGHTEST_SPOTS = 20
 
@@ -57,10 +58,9 @@ def analyse_file(path: str, frame_index: int, params: SpotFindingParams | None =
 def noop_analysis(path: str, frame_index: int) -> dict:
     """An analysis that reads nothing and finds nothing: measures the pipeline's own overhead."""
     return {
-        "n_spots_total": 0, "n_spots_no_ice": 0, "n_spots_4A": 0, "total_intensity": 0.0,
-        "estimated_d_min": None, "d_min_distl_method_1": None, "d_min_distl_method_2": None,
-        "noisiness_method_1": None, "noisiness_method_2": None, "n_strong_pixels": 0,
-        "brightest_spots": [], "read_time_s": 0.0, "analysis_time_s": 0.0, "analysis_backend": "noop",
+        **PerImageStatistics().to_dict(),  # no spots: zeros, and no resolution
+        "n_strong_pixels": 0, "brightest_spots": [], "read_time_s": 0.0, "analysis_time_s": 0.0,
+        "analysis_backend": "noop",
     }
 
 
