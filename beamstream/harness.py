@@ -56,9 +56,11 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 class WorkerProcess:
     """One long-running `beamstream` service process (a worker by default) with its log in a file."""
 
-    def __init__(self, settings: Settings, log_dir: Path, name: str, *args: str, command: str = "worker") -> None:
+    def __init__(self, settings: Settings, log_dir: Path, name: str, *args: str, command: str = "worker",
+                 env: dict[str, str] | None = None) -> None:
         self.settings, self.log_dir, self.name, self.args = settings, log_dir, name, args
         self.command = command
+        self.env = env or {}  # added to worker_env's, e.g. BEAMSTREAM_LOG_TOPIC
         self.retired = False  # stopped on purpose: a Supervisor leaves it down
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -68,7 +70,7 @@ class WorkerProcess:
         log = open(self.log_dir / f"{self.name}-{self.starts}.log", "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "beamstream", self.command, *self.args],
-            env=worker_env(self.settings), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            env=worker_env(self.settings, **self.env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
 
     def kill(self) -> None:

@@ -68,6 +68,8 @@ class Settings:
     dashboard_token: str = ""
     #: File of dashboard staff tokens, one ``name:secret`` (or bare secret) per line; re-read on each action.
     dashboard_token_file: str = ""
+    #: Also send every service's JSON log lines to the ``logs`` topic (best effort, see beamstream.logs).
+    log_topic: bool = False
     #: Prefix of every topic name, so several deployments can share one cluster.
     topic_prefix: str = "beamstream."
     image_partitions: int = 12
@@ -119,6 +121,10 @@ class Settings:
 
 _PATH_LIKE = ("home", "cache_dir", "data_roots")
 
+_BOOLS = ("log_topic",)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
 _INT_RANGES = {
     "local_kafka_port": (1, 65534),
     "local_registry_port": (1, 65535),
@@ -139,6 +145,13 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         if not low <= value <= high:
             raise SettingError(f"{where}: must be between {low} and {high}, got {value}")
         return value
+    if name in _BOOLS:
+        if isinstance(raw, bool):
+            return raw
+        text = raw.strip().lower() if isinstance(raw, str) else None
+        if text not in _TRUE + _FALSE:
+            raise SettingError(f"{where}: expected true or false (1/0, yes/no, on/off), got {raw!r}")
+        return text in _TRUE
     if name in ("home", "cache_dir"):
         return Path(str(raw)).expanduser()
     if name == "archive_root" and isinstance(raw, str | Path):

@@ -81,6 +81,12 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec("heartbeats", ("ServiceHeartbeat",), 1,
                   {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
                   "Latest heartbeat per service (compacted)."),
+        # No Avro record type: log lines are for people and log tools (Loki, Elasticsearch, kcat), which
+        # read JSON; only services with BEAMSTREAM_LOG_TOPIC set write here.
+        TopicSpec("logs", (), 3,
+                  {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)},
+                  "Services' log lines when BEAMSTREAM_LOG_TOPIC is set: JSON lines (UTF-8), not Avro, one "
+                  "per record, keyed by service; kept 7 days."),
     ]
 
 
@@ -90,6 +96,12 @@ def topic_name(settings: Settings, logical_name: str) -> str:
         if spec.logical_name == logical_name:
             return spec.name(settings)
     raise TopicError(f"no declared topic {logical_name!r}")
+
+
+def group_name(settings: Settings, logical_name: str) -> str:
+    """The cluster name of a consumer group, e.g. ``group_name(s, "analysis")``: the workers'
+    analysis stage, which consumes images (its lag is the work waiting)."""
+    return f"{settings.topic_prefix}{logical_name}"
 
 
 @dataclass

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 
 from confluent_kafka import KafkaException, TopicPartition
 
+from beamstream import metrics
 from beamstream.deadletters import dead_letter
 from beamstream.errors import BeamstreamError
 from beamstream.kafka_clients import make_consumer, make_producer
@@ -66,6 +67,8 @@ class Archiver:
         self.started: dict[CollectionKey, dict] = {}
         self.completed: set[CollectionKey] = set()
         self.stats = {"archived": 0, "skipped": 0, "dead_letters": 0}
+        #: (collection end's event time, manifest seconds) per collection awaiting its commit, for the metrics.
+        self._timings: dict[CollectionKey, tuple[datetime, float]] = {}
         self._assigned: list[int] | None = None  # partitions to (re)load state for, set by on_assign
         self._pending: dict[int, int] = {}  # partition -> next offset to commit
         self._first_uncommitted: dict[int, int] = {}  # partition -> where to rewind after an abort
@@ -118,6 +121,8 @@ class Archiver:
                     if self._commit(producer, consumer, outputs) and completes is not None:
                         self.completed.add(completes)
                         self.stats["archived"] += 1
+                        ended, manifest_s = self._timings.pop(completes)
+                        metrics.collection_archived((datetime.now(UTC) - ended).total_seconds(), manifest_s)
             self._commit(producer, consumer, [])
         finally:
             consumer.close()
@@ -136,7 +141,9 @@ class Archiver:
         try:
             decoded = self.serde.decode(message.value(), topic, COLLECTION_EVENTS)
         except SerdeError as exc:
+            metrics.archiver_event("undecodable")
             return [self._dead_letter(message, str(exc), type(exc).__name__)], None
+        metrics.archiver_event(decoded.name)
         value = decoded.value
         key: CollectionKey = (value["dcid"], value.get("processing_job_id"))
         if decoded.name == "CollectionStarted":
@@ -147,6 +154,7 @@ class Archiver:
         extra = {"dcid": key[0], "processing_job_id": key[1]}
         if key in self.completed:
             self.stats["skipped"] += 1
+            metrics.archive_skipped()
             log.info("already archived, skipping", extra=extra)
             return [], None
         started = self.started.get(key)
@@ -155,6 +163,7 @@ class Archiver:
             reason = (f"no CollectionStarted for dcid {key[0]}{job} on {topic}: "
                       "the file template is unknown, nothing archived")
             return [self._dead_letter(message, reason, "MissingCollectionStarted", key[0])], None
+        building = time.monotonic()
         try:
             manifest = build_manifest(started, value, self.stop_event)
             path = manifest_path(started, self.settings.archive_root)
@@ -162,6 +171,7 @@ class Archiver:
         except (OSError, BeamstreamError) as exc:
             reason = f"archiving dcid {key[0]} ({started['file_template']}) failed: {exc}"
             return [self._dead_letter(message, reason, type(exc).__name__, key[0])], None
+        self._timings[key] = (value["event_time"], time.monotonic() - building)
         complete = {
             "dcid": key[0], "processing_job_id": key[1], "beamline": started.get("beamline", ""),
             "file_template": started["file_template"], "collection_status": manifest["collection_status"],
@@ -177,6 +187,7 @@ class Archiver:
 
     def _dead_letter(self, message, reason: str, error_type: str, dcid: int | None = None) -> tuple[str, bytes, bytes]:
         self.stats["dead_letters"] += 1
+        metrics.archiver_dead_lettered(error_type)
         log.warning("dead letter: %s", reason, extra={"dcid": dcid, "topic": message.topic(),
                                                       "offset": message.offset()})
         value = dead_letter(

@@ -12,7 +12,9 @@ import signal
 import socket
 import threading
 import uuid
+from datetime import UTC, datetime
 
+from beamstream import metrics
 from beamstream.errors import BeamstreamError
 from beamstream.kafka_clients import make_consumer
 from beamstream.settings import Settings
@@ -74,14 +76,17 @@ class GdaFeedback:
                         break
                     continue
                 idle = 0.0
+                metrics.feedback_result_consumed()
                 try:
                     result = self.serde.decode(message.value(), self.topic, "ImageResult").value
                 except SerdeError as exc:
                     # Not ours to dead-letter: the workers own the results topic's contract.
                     log.warning("skipping undecodable result: %s", exc)
+                    metrics.feedback_skipped(type(exc).__name__)
                     continue
                 sock.sendto(pia_datagram(result), self.address)
                 self.sent += 1
+                metrics.datagram_sent((datetime.now(UTC) - result["event_time"]).total_seconds())
                 consumer.commit(message, asynchronous=True)
                 if max_messages is not None and self.sent >= max_messages:
                     break

@@ -32,10 +32,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from confluent_kafka import KafkaException, Message, TopicPartition
 from sqlalchemy.engine import Engine
 
+from beamstream import metrics
 from beamstream.deadletters import dead_letter
 from beamstream.errors import BeamstreamError
 from beamstream.kafka_clients import make_consumer, make_producer
@@ -175,11 +177,13 @@ class IspybSink:
     def _handle(self, consumer, producer, messages: list[Message]) -> None:
         """Decode, write and commit one batch; on a database outage rewind and wait instead."""
         items, poison = self._decode(messages)
+        started = time.monotonic()
         try:
             refused = self._store(items)
         except DatabaseUnavailable as exc:
             self._outage(consumer, messages, exc)
             return
+        write_s = time.monotonic() - started
         if self._outage_attempts:
             log.info("database available again, consumption resumed", extra={"attempts": self._outage_attempts})
             self._outage_attempts = 0
@@ -189,12 +193,22 @@ class IspybSink:
         if not self._commit(consumer, producer, messages, poison):
             self._rewind(consumer, messages)
             return
+        refused_messages = {id(p.message) for p in refused}
+        stored = [i for i in items if id(i.message) not in refused_messages]
+        results = [i for i in stored if i.kind == "result"]
+        summaries = len(stored) - len(results)
         self.stats.batches += 1
-        self.stats.results += sum(1 for i in items if i.kind == "result") - sum(
-            1 for p in refused if p.message.topic() == self.results_topic)
-        self.stats.summaries += sum(1 for i in items if i.kind == "summary") - sum(
-            1 for p in refused if p.message.topic() == self.summaries_topic)
+        self.stats.results += len(results)
+        self.stats.summaries += summaries
         self.stats.dead_lettered += len(poison)
+        now = datetime.now(UTC)
+        per_topic = {"results": 0, "summaries": 0}
+        for message in messages:
+            per_topic["results" if message.topic() == self.results_topic else "summaries"] += 1
+        metrics.sink_batch_committed(per_topic, len(results), summaries, write_s,
+                                     [(now - i.value["event_time"]).total_seconds() for i in results])
+        for bad in poison:
+            metrics.sink_dead_lettered(bad.error_type)
 
     # -- decoding ---------------------------------------------------------------
     def _decode(self, messages: list[Message]) -> tuple[list[_Item], list[_Poison]]:
@@ -261,6 +275,7 @@ class IspybSink:
         """Rewind to the batch, pause, and wait the backoff before the batch is read again."""
         self._outage_attempts += 1
         self.stats.outages += 1
+        metrics.sink_outage()
         delay = min(self.options.outage_backoff_max_s,
                     self.options.outage_backoff_s * 2 ** (self._outage_attempts - 1))
         log.warning("database unavailable, consumption paused: %s", error,

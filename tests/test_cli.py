@@ -35,6 +35,18 @@ def test_a_wrong_setting_is_named_in_one_line():
         "beamstream config: error: BEAMSTREAM_LOCAL_KAFKA_PORT: expected an integer, got 'ninety'")
 
 
+@pytest.mark.parametrize(("args", "env", "expected"), [
+    (("archiver", "--metrics-port", "70000"), {},
+     "beamstream archiver: error: argument --metrics-port: expected a port number (1-65535), got '70000'"),
+    (("ispyb-sink",), {"BEAMSTREAM_METRICS_PORT": "nine"},
+     "beamstream ispyb-sink: error: BEAMSTREAM_METRICS_PORT: expected a port number, got 'nine'"),
+])
+def test_a_bad_metrics_port_is_one_line(args, env, expected):
+    result = beamstream(*args, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(expected) and result.stderr.count("\n") == 1
+
+
 def test_config_json_hides_secrets():
     result = beamstream("config", "--json", env={"BEAMSTREAM_SECURITY_PROTOCOL": "SASL_SSL",
                                                  "BEAMSTREAM_SASL_MECHANISM": "PLAIN",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from beamstream import metrics
 from beamstream.logs import configure_json_logging
 from beamstream.settings import load_settings
 
@@ -19,6 +20,7 @@ def register(subparsers) -> None:
         "and emit one ArchiveComplete event on the archive topic. Runs until SIGTERM/Ctrl-C. Logs are JSON lines.",
     )
     parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
+    metrics.add_port_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -27,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from connectors.archiver import Archiver
 
     settings = load_settings()
-    configure_json_logging("archiver", getattr(logging, args.log_level.upper()))
+    port = metrics.metrics_port(args.metrics_port)
+    configure_json_logging("archiver", getattr(logging, args.log_level.upper()), settings=settings)
+    if port is not None:
+        metrics.serve(port, registry=metrics.ARCHIVER_REGISTRY)  # a daemon thread; it goes with the process
     archiver = Archiver(settings)
     archiver.install_signal_handlers()
     archiver.run()

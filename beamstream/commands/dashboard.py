@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         mode = "actions enabled" if staff_tokens(settings) else "read-only (no staff token configured)"
     except AuthError as exc:
         raise BeamstreamError(f"BEAMSTREAM_DASHBOARD_TOKEN_FILE: {exc.reason}") from None
-    configure_json_logging("dashboard")
+    configure_json_logging("dashboard", settings=settings)
     try:
         run_forever(settings, args.host, args.port,
                     on_ready=lambda url: print(f"dashboard: {url} ({mode})", flush=True))

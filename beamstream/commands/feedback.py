@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from beamstream import metrics
 from beamstream.logs import configure_json_logging
 from beamstream.settings import load_settings
 
@@ -20,6 +21,7 @@ def register(subparsers) -> None:
     parser.add_argument("--udp", required=True, metavar="HOST:PORT", help="where GDA listens")
     parser.add_argument("--from-beginning", action="store_true",
                         help="replay every retained result (a fresh consumer group) instead of new ones")
+    metrics.add_port_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -28,8 +30,12 @@ def run(args: argparse.Namespace) -> int:
     from connectors.gda_feedback import GdaFeedback, parse_address
 
     address = parse_address(args.udp)
-    configure_json_logging("gda-feedback")
-    feedback = GdaFeedback(load_settings(), address, from_beginning=args.from_beginning)
+    settings = load_settings()
+    port = metrics.metrics_port(args.metrics_port)
+    configure_json_logging("gda-feedback", settings=settings)
+    if port is not None:
+        metrics.serve(port, registry=metrics.FEEDBACK_REGISTRY)  # a daemon thread; it goes with the process
+    feedback = GdaFeedback(settings, address, from_beginning=args.from_beginning)
     feedback.install_signal_handlers()
     sent = feedback.run()
     print(f"sent {sent} datagrams to {args.udp}")

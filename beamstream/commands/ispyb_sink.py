@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from beamstream import metrics
 from beamstream.commands.stoppable import run_stoppable
 from beamstream.errors import BeamstreamError
 from beamstream.logs import configure_json_logging
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-wait", type=_seconds, default=0.2, metavar="SECONDS",
                         help="longest wait to fill a batch (default 0.2)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
+    metrics.add_port_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -75,9 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from connectors.ispyb_sink import IspybSink, SinkOptions
 
     settings = load_settings()
+    port = metrics.metrics_port(args.metrics_port)
     engine = make_engine(settings.database_url)
     check_schema(engine)
-    configure_json_logging("ispyb-sink", getattr(logging, args.log_level.upper()))
+    configure_json_logging("ispyb-sink", getattr(logging, args.log_level.upper()), settings=settings)
+    if port is not None:
+        metrics.serve(port, registry=metrics.ISPYB_SINK_REGISTRY)  # a daemon thread; it goes with the process
     sink = IspybSink(settings, engine, SinkOptions(batch_size=args.batch_size, batch_wait_s=args.batch_wait))
 
     def work(stop):
