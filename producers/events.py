@@ -19,7 +19,7 @@ from beamstream.errors import BeamstreamError
 from beamstream.kafka_clients import make_producer
 from beamstream.settings import Settings
 from beamstream.topics import topic_name
-from schemas.keys import dcid_key
+from schemas.keys import dcid_key, image_key
 from schemas.serde import Serde, make_serde
 
 #: Which topic each record type is published on.
@@ -50,6 +50,13 @@ class Event:
     @property
     def dcid(self) -> int:
         return int(self.value["dcid"])
+
+    @property
+    def key(self) -> bytes:
+        """The message key (see schemas.keys: images by dcid and number, the rest by dcid)."""
+        if self.record_type == "ImageArrived":
+            return image_key(self.dcid, self.value["image_number"])
+        return dcid_key(self.dcid)
 
 
 def collection_started(
@@ -142,7 +149,7 @@ class EventPublisher:
         encoded = []
         for event in events:  # encode everything first: a bad event aborts nothing half-sent
             topic = self._topics[event.record_type]
-            encoded.append((topic, dcid_key(event.dcid), self.serde.encode(event.record_type, event.value, topic)))
+            encoded.append((topic, event.key, self.serde.encode(event.record_type, event.value, topic)))
         self._producer.begin_transaction()
         try:
             for topic, key, value in encoded:

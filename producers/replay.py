@@ -34,7 +34,7 @@ from beamstream.retained import (
     with_header,
 )
 from beamstream.settings import Settings
-from schemas.keys import dcid_key
+from schemas.keys import parse_dcid_key
 
 REPLAYED_HEADER = "beamstream-replayed"
 REPLAYED_FROM_HEADER = "beamstream-replayed-from"
@@ -97,8 +97,8 @@ def plan_replay(
         else:
             stops = ends
         ranges = {p: (starts[p], stops[p]) for p in bounds if starts[p] < stops[p]}
-        key = dcid_key(dcid) if dcid is not None else None
-        counts = Counter(r.partition for r in read_range(consumer, name, ranges) if key is None or r.key == key)
+        counts = Counter(r.partition for r in read_range(consumer, name, ranges)
+                         if dcid is None or parse_dcid_key(r.key) == dcid)
     finally:
         consumer.close()
     plan = ReplayPlan(name, ranges, {p: counts.get(p, 0) for p in ranges}, dcid)
@@ -113,14 +113,13 @@ def plan_replay(
 def replay(settings: Settings, plan: ReplayPlan) -> dict[int, int]:
     """Write the plan's events back onto its topic in one transaction; returns events written per
     source partition (fewer than planned only if retention removed some meanwhile)."""
-    key = dcid_key(plan.dcid) if plan.dcid is not None else None
     written: Counter[int] = Counter()
     writer = AtomicWriter(settings, f"{settings.topic_prefix}replay", timeout_s=TRANSACTION_TIMEOUT_S)
     consumer = open_reader(settings)
     try:
         with writer:
             for record in read_range(consumer, plan.topic, plan.ranges):
-                if key is not None and record.key != key:
+                if plan.dcid is not None and parse_dcid_key(record.key) != plan.dcid:
                     continue
                 headers = with_header(record.headers, REPLAYED_HEADER,
                                       str(header_count(record.headers, REPLAYED_HEADER) + 1).encode())
