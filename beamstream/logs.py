@@ -10,9 +10,11 @@ as it is, to the ``logs`` topic (keyed by service), best effort: see
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -53,6 +55,39 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a message through once per ``window_s`` seconds, then says how many repeats it held back.
+
+    librdkafka reports every failed reconnect (several a second per client while a broker is
+    down); without this, a broker restart wrote megabytes of identical lines per worker.
+    Messages are compared with their numbers removed ("after 3ms", ports, counters).
+    """
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen: dict[str, tuple[float, int]] = {}  # shape -> (last let through, held back since)
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+        shape = _DIGITS.sub("#", record.getMessage())
+        with self._lock:
+            last, held = self._seen.get(shape, (float("-inf"), 0))
+            if record.created - last < self.window_s:
+                self._seen[shape] = (last, held + 1)
+                return False
+            if len(self._seen) > 1000:  # bound the memory of a long-lived service
+                self._seen.clear()
+            self._seen[shape] = (record.created, 0)
+        if held:
+            record.msg = f"{record.getMessage()} (and {held} more like it in the last {self.window_s:.0f} s)"
+            record.args = None
+        return True
+
+
+_DIGITS = re.compile(r"\d+")
 
 
 class KafkaLogHandler(logging.Handler):
@@ -162,6 +197,11 @@ def configure_json_logging(service: str, level: int = logging.INFO, stream=None,
                            settings: Settings | None = None) -> None:
     """Send all logging to ``stream`` (stderr) as JSON lines tagged with ``service``; when
     ``settings.log_topic`` is on, the same lines go to the ``logs`` topic too."""
+    # A crash inside a C extension (librdkafka, HDF5 filters) then leaves the Python stacks in the log.
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (captured, embedded)
+        pass
     formatter = JsonFormatter(service)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
@@ -181,6 +221,8 @@ def configure_json_logging(service: str, level: int = logging.INFO, stream=None,
             old.close()  # configured again (tests, the demo): don't leave a producer behind
     root.handlers[:] = handlers
     root.setLevel(level)
-    # librdkafka and aiokafka narrate every reconnect; keep their warnings and errors.
-    for noisy in (LIBRDKAFKA_LOGGER, "aiokafka", "faust", "mode"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # librdkafka narrates every reconnect: keep its warnings and errors, and each kind once in a while.
+    librdkafka = logging.getLogger(LIBRDKAFKA_LOGGER)
+    librdkafka.setLevel(max(level, logging.WARNING))
+    if not any(isinstance(f, RepeatFilter) for f in librdkafka.filters):
+        librdkafka.addFilter(RepeatFilter())
