@@ -1,46 +1,54 @@
-"""The Faust application: per-image analysis and per-collection group processing.
+"""One worker process: per-image analysis and per-collection group processing.
 
-Topology (all topics keyed by dcid, co-partitioned):
+Two consume-transform-produce stages (:mod:`streams.transactional_stage`), each on
+its own thread with its own consumer group and transactional producer:
 
-* ``analyse`` agent: images -> results. The CPU work runs in a thread, so the
-  event loop keeps heartbeating and committing during a slow image. Bad events
-  go to the dead-letter topic after bounded retries.
-* ``collect`` agent: results + collections -> the ``collections`` table, progress
-  announcements, and exactly one summary per collection (X-ray centre for grid
-  scans, a data-reduction request for rotation scans).
-* a timer that asks for a re-check of collections that ended with images missing,
-  so their summary comes after the timeout even when no other event arrives.
+* analysis (group ``<prefix>analysis``): images -> results. Each result commits
+  with its image's offset in one KIP-447 transaction. Bad events go to the
+  dead-letter topic after bounded retries. Any worker may take any image
+  partition, so the analysis scales with the number of workers.
+* collect (group ``<prefix>collect``): results + collections -> the per-collection
+  table, progress announcements and exactly one summary per collection (X-ray
+  centre for grid scans, a data-reduction request for rotation scans); grid
+  summaries re-keyed by sample -> a 3D centre. Its tables
+  (:mod:`streams.changelog_table`) commit their changes with the outputs.
 
-Every output joins the transaction of the event that caused it (see streams.eos).
+The collect stage also asks, once a second, for a re-check of collections that
+ended with images missing, so their summary comes after the timeout even when no
+other event arrives. The main thread sends heartbeats and handles shutdown.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import faust
+from confluent_kafka import Message
 
 from beamstream import metrics  # Prometheus counters (beamstream/metrics.py); served only when a port is set
 from beamstream.deadletters import dead_letter
 from beamstream.kafka_clients import make_producer
 from beamstream.settings import Settings
-from beamstream.topics import topic_name
+from beamstream.topics import group_name, topic_name
+from beamstream.transactions import Output
 from diffraction.errors import DiffractionError, SpotFindingError
 from schemas.keys import dcid_key
 from schemas.serde import SerdeError, make_serde
 from streams import collection_state as cs
-from streams import eos
 from streams import sample_centring as samples
+from streams.changelog_table import ChangelogTable
 from streams.image_analysis import Analysis, noop_analysis, path_within_roots
+from streams.transactional_stage import TransactionalStage
 
 log = logging.getLogger("beamstream.worker")
+
+#: Exit code of a worker that left a stalled Kafka client behind (EX_TEMPFAIL: try again).
+STALLED_EXIT_CODE = 75
 
 
 @dataclass(frozen=True)
@@ -50,31 +58,13 @@ class PipelineOptions:
     summary_timeout_s: float = 60.0  # after a collection's end, how long to wait for missing images
     retry_attempts: int = 3  # tries per image before it goes to the dead-letter topic
     retry_backoff_s: float = 0.5  # first retry delay, doubled each time
-    commit_interval_s: float = 0.1  # how often offsets and outputs are committed
+    commit_interval_s: float = 0.1  # how often outputs and offsets are committed
     heartbeat_interval_s: float = 5.0
     exactly_once: bool = True  # off only to measure what the guarantee costs
+    stall_limit_s: float = 60.0  # a commit blocked this long makes the worker exit for a restart
 
 
-def faust_broker_options(settings: Settings) -> dict:
-    """Faust's broker URL and credentials from settings."""
-    options: dict = {"broker": [f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")]}
-    protocol = settings.security_protocol
-    if protocol.startswith("SASL"):
-        import ssl
-
-        context = ssl.create_default_context(cafile=settings.ssl_cafile or None) if protocol == "SASL_SSL" else None
-        options["broker_credentials"] = faust.SASLCredentials(
-            username=settings.sasl_username, password=settings.sasl_password,
-            mechanism=settings.sasl_mechanism, ssl_context=context,
-        )
-    elif protocol == "SSL":
-        import ssl
-
-        context = ssl.create_default_context(cafile=settings.ssl_cafile or None)
-        if settings.ssl_certfile:
-            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
-        options["broker_credentials"] = faust.SSLCredentials(context)
-    return options
+noop_analysis.backend = "noop"  # type: ignore[attr-defined]
 
 
 def worker_identity() -> str:
@@ -83,88 +73,58 @@ def worker_identity() -> str:
 
 
 class Pipeline:
-    """Builds the Faust app for one worker process."""
+    """The two stages of one worker process, and its heartbeats."""
 
     def __init__(self, settings: Settings, analysis: Analysis | None = None,
                  options: PipelineOptions | None = None) -> None:
-        eos.install()
         self.settings = settings
         self.options = options or PipelineOptions()
         self.analysis = analysis or noop_analysis
-        self.analysis_name = "noop" if self.analysis is noop_analysis else "real"
+        self.analysis_name = "noop" if getattr(self.analysis, "backend", None) == "noop" else "real"
         self.worker_id = worker_identity()
         self.serde = make_serde(settings.schema_registry_url)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
         self.topics = {name: topic_name(settings, name) for name in
                        ("images", "collections", "results", "announce", "summaries", "requests",
                         "samples", "deadletter", "heartbeats")}
         self.started_at = datetime.now(UTC)
-        self.stats = {"images": 0.0, "dead_letters": 0.0, "summaries": 0.0, "partition_lost": 0.0}
+        self.stats = {"images": 0.0, "dead_letters": 0.0, "summaries": 0.0}
         self._side_producer = None  # non-transactional: heartbeats and checks
         self._last_check: dict[bytes, float] = {}
-        self.app = self._build_app()
+        self.collections = ChangelogTable(settings, topic_name(settings, "workers-collections-changelog"))
+        self.samples = ChangelogTable(settings, topic_name(settings, "workers-samples-changelog"))
+        common = {"exactly_once": self.options.exactly_once, "commit_interval_s": self.options.commit_interval_s}
+        self.analysis_stage = TransactionalStage(
+            settings, group_name(settings, "analysis"), [self.topics["images"]], self.analyse_image_event,
+            name="analysis", **common)
+        self.collect_stage = TransactionalStage(
+            settings, group_name(settings, "collect"),
+            [self.topics["results"], self.topics["collections"], self.topics["samples"]], self.collect_event,
+            name="collect", on_assigned=self._restore_tables, on_revoked=self._drop_tables,
+            on_aborted=self._reload_tables, tick=self._request_deadline_checks, **common)
+        self.stages = (self.analysis_stage, self.collect_stage)
 
-    # -- app -----------------------------------------------------------------
-    def _build_app(self) -> faust.App:
-        settings, options = self.settings, self.options
-        app = faust.App(
-            f"{settings.topic_prefix}workers",
-            **faust_broker_options(settings),
-            processing_guarantee="exactly_once" if options.exactly_once else "at_least_once",
-            store="memory://",
-            web_enabled=False,
-            topic_partitions=settings.image_partitions,
-            topic_replication_factor=settings.replication_factor,
-            broker_commit_interval=options.commit_interval_s,
-            broker_commit_every=1000,
-            consumer_auto_offset_reset="earliest",
-            table_standby_replicas=0,
-            broker_session_timeout=10.0,  # a killed worker's partitions move on within 10 s
-            broker_heartbeat_interval=3.0,
-        )
-        if options.exactly_once:
-            eos.use_stable_offsets(app.conf.id, settings.kafka_client_config())
-        raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        images = app.topic(self.topics["images"], **raw)
-        grouped = app.topic(self.topics["results"], self.topics["collections"], **raw)
-        self.table = eos.TransactionalTable(
-            # bytes key and value types make faust use the raw codec, also when it
-            # recovers the table from the changelog.
-            app, name="collections", default=None, key_type=bytes, value_type=bytes,
-            partitions=settings.image_partitions, beacon=app.tables.beacon,
-        )
-        app.tables.add(self.table)
-        self.sample_table = eos.TransactionalTable(
-            app, name="samples", default=None, key_type=bytes, value_type=bytes,
-            partitions=settings.image_partitions, beacon=app.tables.beacon,
-        )
-        app.tables.add(self.sample_table)
-        by_sample = app.topic(self.topics["samples"], **raw)
+    # -- tables ------------------------------------------------------------------
+    def _table_for(self, topic: str) -> ChangelogTable:
+        return self.samples if topic == self.topics["samples"] else self.collections
 
-        @app.agent(images, name="analyse")
-        async def analyse(stream):
-            async for event in stream.noack().events():
-                await self._handle_image(event)
+    def _restore_tables(self, partitions) -> None:
+        started = time.monotonic()
+        for table in (self.collections, self.samples):
+            numbers = {tp.partition for tp in partitions if self._table_for(tp.topic) is table}
+            loaded = table.restore(numbers)
+            log.info("table partitions restored", extra={"table": table.changelog_topic, "partitions": sorted(numbers),
+                                                         "records": loaded,
+                                                         "seconds": round(time.monotonic() - started, 3)})
 
-        @app.agent(grouped, name="collect")
-        async def collect(stream):
-            async for event in stream.noack().events():
-                await self._handle_collection_event(event)
+    def _drop_tables(self, partitions) -> None:
+        for table in (self.collections, self.samples):
+            table.drop({tp.partition for tp in partitions if self._table_for(tp.topic) is table})
 
-        @app.agent(by_sample, name="centre3d")
-        async def centre3d(stream):
-            async for event in stream.noack().events():
-                await self._handle_sample_summary(event)
-
-        @app.timer(interval=1.0)
-        async def check_deadlines():
-            self._request_deadline_checks()
-
-        @app.timer(interval=options.heartbeat_interval_s)
-        async def heartbeat():
-            self._send_heartbeat("running")
-
-        return app
+    def _reload_tables(self) -> None:
+        # An aborted transaction took its table changes with it; the in-memory tables
+        # must forget them too before the rewound events are processed again.
+        for table in (self.collections, self.samples):
+            table.reload()
 
     # -- helpers -------------------------------------------------------------
     @property
@@ -173,51 +133,40 @@ class Pipeline:
             self._side_producer = make_producer(self.settings)
         return self._side_producer
 
-    def _dead_letter_output(self, event, reason: str, error_type: str, attempts: int,
-                            dcid: int | None = None, image_number: int | None = None):
-        message = event.message
+    def _dead_letter_output(self, message: Message, reason: str, error_type: str, attempts: int,
+                            dcid: int | None = None, image_number: int | None = None) -> Output:
         self.stats["dead_letters"] += 1
         metrics.dead_lettered(error_type)
         log.warning("dead letter: %s", reason, extra={"dcid": dcid, "image": image_number,
-                                                      "topic": message.topic, "offset": message.offset})
+                                                      "topic": message.topic(), "offset": message.offset()})
         value = dead_letter(
-            reason=reason, error_type=error_type, service=f"worker/{message.topic}",
-            source_topic=message.topic, source_partition=message.partition, source_offset=message.offset,
-            key=message.key, payload=message.value, headers=list(message.headers or []),
+            reason=reason, error_type=error_type, service=f"worker/{message.topic()}",
+            source_topic=message.topic(), source_partition=message.partition(), source_offset=message.offset(),
+            key=message.key(), payload=message.value(), headers=list(message.headers() or []),
             attempts=attempts, dcid=dcid, image_number=image_number,
         )
         topic = self.topics["deadletter"]
-        return (topic, message.key, self.serde.encode("DeadLetter", value, topic))
-
-    async def _commit_outputs(self, event, outputs, tables=()) -> None:
-        try:
-            await eos.send_in_transaction(self.app, event, outputs, tables)
-        except eos.PartitionLost as exc:
-            self.stats["partition_lost"] += 1
-            log.info("partition moved to another worker, event left to it: %s", exc,
-                     extra={"offset": event.message.offset, "partition": event.message.partition})
+        return (topic, message.key(), self.serde.encode("DeadLetter", value, topic))
 
     # -- per-image analysis ----------------------------------------------------
-    async def _handle_image(self, event) -> None:
-        if eos.already_processed(self.app, event):
-            return
+    def analyse_image_event(self, message) -> list[Output]:
+        """The outputs for one image event (a result, or a dead letter); never raises for bad input.
+
+        Runs on the analysis stage's thread; a failing image is retried with backoff first.
+        """
         try:
-            image = self.serde.decode(event.message.value, self.topics["images"], "ImageArrived").value
+            image = self.serde.decode(message.value(), self.topics["images"], "ImageArrived").value
         except SerdeError as exc:
-            await self._commit_outputs(event, [self._dead_letter_output(event, str(exc), type(exc).__name__, 1)])
-            return
+            return [self._dead_letter_output(message, str(exc), type(exc).__name__, 1)]
         dcid, number, path = image["dcid"], image["image_number"], image["file_path"]
         if not path_within_roots(path, self.settings.data_roots):
             reason = f"{path} is outside the configured data roots ({', '.join(self.settings.data_roots)})"
-            await self._commit_outputs(event, [self._dead_letter_output(event, reason, "OutsideDataRoots", 1,
-                                                                        dcid, number)])
-            return
+            return [self._dead_letter_output(message, reason, "OutsideDataRoots", 1, dcid, number)]
 
-        loop = asyncio.get_running_loop()
         fields, error, attempts = None, None, 0
         for attempts in range(1, self.options.retry_attempts + 1):
             try:
-                fields = await loop.run_in_executor(self.executor, self.analysis, path, image["frame_index"])
+                fields = self.analysis(path, image["frame_index"])
                 break
             except SpotFindingError as exc:
                 # DIALS refuses frames that are mostly "strong" (saturated, blank with
@@ -232,12 +181,10 @@ class Pipeline:
                 error = exc
                 log.exception("analysis failed", extra={"dcid": dcid, "image": number})
             if attempts < self.options.retry_attempts:
-                await asyncio.sleep(self.options.retry_backoff_s * 2 ** (attempts - 1))
+                time.sleep(self.options.retry_backoff_s * 2 ** (attempts - 1))
         if fields is None:
             reason = f"image {number} of dcid {dcid} ({path}, frame {image['frame_index']}): {error}"
-            await self._commit_outputs(event, [self._dead_letter_output(
-                event, reason, type(error).__name__, attempts, dcid, number)])
-            return
+            return [self._dead_letter_output(message, reason, type(error).__name__, attempts, dcid, number)]
 
         result = {
             "dcid": dcid, "image_number": number, "file_path": path, "frame_index": image["frame_index"],
@@ -245,28 +192,30 @@ class Pipeline:
             "event_time": image["arrival_time"], "result_time": datetime.now(UTC), "worker_id": self.worker_id,
         }
         topic = self.topics["results"]
-        await self._commit_outputs(event, [(topic, dcid_key(dcid), self.serde.encode("ImageResult", result, topic))])
         self.stats["images"] += 1
-        metrics.image_analysed((result["result_time"] - image["arrival_time"]).total_seconds(),
-                               result["analysis_time_s"])
+        latency_s = (result["result_time"] - image["arrival_time"]).total_seconds()
+        metrics.image_analysed(latency_s, result["analysis_time_s"])
         log.info("image analysed", extra={
             "dcid": dcid, "image": number, "spots": result["n_spots_no_ice"],
-            "d_min": result["estimated_d_min"],
-            "latency_ms": round((result["result_time"] - image["arrival_time"]).total_seconds() * 1000, 1)})
+            "d_min": result["estimated_d_min"], "latency_ms": round(latency_s * 1000, 1)})
+        return [(topic, dcid_key(dcid), self.serde.encode("ImageResult", result, topic))]
 
     # -- group processing ------------------------------------------------------
-    async def _handle_collection_event(self, event) -> None:
-        if eos.already_processed(self.app, event):
-            return
-        topic = event.message.topic
+    def collect_event(self, message) -> list[Output]:
+        """The outputs of one event for the collection and sample tables (never raises for bad input)."""
+        if message.topic() == self.topics["samples"]:
+            return self._handle_sample_summary(message)
+        return self._handle_collection_event(message)
+
+    def _handle_collection_event(self, message) -> list[Output]:
+        topic, partition = message.topic(), message.partition()
         try:
-            decoded = self.serde.decode(event.message.value, topic)
+            decoded = self.serde.decode(message.value(), topic)
         except SerdeError as exc:
-            await self._commit_outputs(event, [self._dead_letter_output(event, str(exc), type(exc).__name__, 1)])
-            return
+            return [self._dead_letter_output(message, str(exc), type(exc).__name__, 1)]
         value = decoded.value
         key = cs.state_key(value["dcid"], value.get("processing_job_id")).encode()
-        stored = self.table.get(key)
+        stored = self.collections.get(partition, key)
         state = cs.CollectionState.from_json(stored) if stored else cs.CollectionState(
             value["dcid"], value.get("processing_job_id"))
         changed = True
@@ -274,18 +223,20 @@ class Pipeline:
             changed = cs.apply_result(state, value, now=time.time())
         elif decoded.name == "CollectionStarted":
             cs.apply_start(state, value)
+            log.info("collection started", extra={"dcid": state.dcid, "expected": state.expected,
+                                                  "experiment_type": state.experiment_type})
         elif decoded.name == "CollectionEnded":
             cs.apply_end(state, value)
+            log.info("collection ended", extra={"dcid": state.dcid, "images_seen": state.n_seen,
+                                                "expected": state.expected})
         elif decoded.name == "CollectionCheck":
             changed = False
         else:
             reason = f"unexpected {decoded.name} on {topic}"
-            await self._commit_outputs(event, [self._dead_letter_output(event, reason, "SchemaMismatchError", 1,
-                                                                        value.get("dcid"))])
-            return
+            return [self._dead_letter_output(message, reason, "SchemaMismatchError", 1, value.get("dcid"))]
 
         now = datetime.now(UTC)
-        outputs = []
+        outputs: list[Output] = []
         dcid_bytes = dcid_key(state.dcid)
         if decoded.name == "ImageResult" and changed and state.started and cs.progress_due(state):
             state.announced = state.n_seen
@@ -313,36 +264,33 @@ class Pipeline:
                 "dcid": state.dcid, "status": status, "images": state.n_seen, "expected": state.expected,
                 "best_image": state.best_image})
         if changed or outputs:
-            self.table[key] = state.to_json()
-        await self._commit_outputs(event, outputs, tables=[self.table])
+            outputs.append(self.collections.put(partition, key, state.to_json()))
+        return outputs
 
-    async def _handle_sample_summary(self, event) -> None:
-        if eos.already_processed(self.app, event):
-            return
-        topic = event.message.topic
+    def _handle_sample_summary(self, message) -> list[Output]:
+        topic, partition = message.topic(), message.partition()
         try:
-            summary = self.serde.decode(event.message.value, topic, "CollectionSummary").value
+            summary = self.serde.decode(message.value(), topic, "CollectionSummary").value
         except SerdeError as exc:
-            await self._commit_outputs(event, [self._dead_letter_output(event, str(exc), type(exc).__name__, 1)])
-            return
-        key = event.message.key
-        state = samples.load(self.sample_table.get(key))
+            return [self._dead_letter_output(message, str(exc), type(exc).__name__, 1)]
+        key = message.key()
+        state = samples.load(self.samples.get(partition, key))
         centre = samples.record_grid_summary(state, summary, datetime.now(UTC))
-        self.sample_table[key] = samples.dump(state)
-        outputs = []
+        outputs: list[Output] = [self.samples.put(partition, key, samples.dump(state))]
         if centre is not None:
             outputs.append(self._encoded("summaries", "SampleCentre", key, centre))
             log.info("3D centre", extra={"sample_id": centre["sample_id"], "dcid": summary["dcid"],
                                          "x_mm": centre["x_mm"], "y_mm": centre["y_mm"], "z_mm": centre["z_mm"]})
-        await self._commit_outputs(event, outputs, tables=[self.sample_table])
+        return outputs
 
     def _encoded(self, logical_topic: str, record_type: str, key: bytes, value: dict):
         topic = self.topics[logical_topic]
         return (topic, key, self.serde.encode(record_type, value, topic))
 
     def _request_deadline_checks(self) -> None:
+        # Runs on the collect stage's thread, which owns the table.
         now = time.time()
-        for key, stored in list(self.table.data.items()):
+        for _partition, key, stored in self.collections.items():
             state = cs.CollectionState.from_json(stored)
             if state.summarized or not state.ended:
                 continue
@@ -374,12 +322,55 @@ class Pipeline:
         except Exception:  # heartbeats are best effort; the analysis must go on
             log.debug("heartbeat not sent", exc_info=True)
 
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> Pipeline:
+        """Start both stages (each on its own thread)."""
+        self.analysis_stage.start()
+        self.collect_stage.start()
+        return self
+
+    def run(self, stop: threading.Event) -> int:
+        """Heartbeat until ``stop`` is set or a stage fails; then stop cleanly. Returns the exit code."""
+        code = 0
+        next_beat = 0.0
+        while not stop.wait(0.2):
+            if time.monotonic() >= next_beat:
+                self._send_heartbeat("running")
+                next_beat = time.monotonic() + self.options.heartbeat_interval_s
+            stalled = [stage for stage in self.stages if stage.stalled_for > self.options.stall_limit_s]
+            if stalled:
+                self._abandon(stalled[0])
+            failed = [stage for stage in self.stages if not stage.running]
+            if failed:
+                # A worker must not run on with half of its work stopped: exit, and let the
+                # supervisor (systemd, Kubernetes, `beamstream monitor`) start it again.
+                log.critical("stage stopped unexpectedly, the worker exits",
+                             extra={"stage": failed[0].name, "error": str(failed[0].error)})
+                code = 1
+                break
+        self.shutdown()
+        return code
+
+    def _abandon(self, stage: TransactionalStage) -> None:
+        # librdkafka can block inside a transactional call past its timeout after a
+        # broker restart (confluentinc/librdkafka#5456, #5511). A blocked C call cannot be
+        # interrupted, and the open transaction is aborted by the broker when this process
+        # is gone; so exit at once and let the supervisor start a fresh worker.
+        log.critical("stage stalled in a Kafka transaction, the worker exits for a restart",
+                     extra={"stage": stage.name, "stalled_s": round(stage.stalled_for, 1)})
+        self._send_heartbeat("failed")
+        if self._side_producer is not None:
+            self._side_producer.flush(5)
+        logging.shutdown()
+        os._exit(STALLED_EXIT_CODE)
+
     def shutdown(self) -> None:
-        """Announce the stop and release resources (called on SIGTERM via the worker)."""
+        """Finish and commit the work in hand, leave the consumer groups, announce the stop."""
+        for stage in self.stages:
+            stage.stop()
         self._send_heartbeat("stopped")
         if self._side_producer is not None:
             self._side_producer.flush(5)
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _version() -> str:

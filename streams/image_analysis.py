@@ -64,6 +64,18 @@ def noop_analysis(path: str, frame_index: int) -> dict:
     }
 
 
+def timed_noop_analysis(seconds: float) -> Analysis:
+    """A no-op analysis that takes ``seconds`` (sleeping, so it costs no CPU): sizes a deployment and
+    tests scaling with an analysis time like the real one's, on machines with fewer cores than workers."""
+    def analysis(path: str, frame_index: int) -> dict:
+        time.sleep(seconds)
+        fields = noop_analysis(path, frame_index)
+        fields["analysis_time_s"] = seconds
+        return fields
+    analysis.backend = "noop"  # type: ignore[attr-defined]
+    return analysis
+
+
 def path_within_roots(path: str, roots: tuple[str, ...]) -> bool:
     """True when ``path`` lies inside one of ``roots`` (any path when no roots are configured)."""
     if not roots:

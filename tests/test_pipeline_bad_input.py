@@ -38,7 +38,7 @@ def test_bad_image_events_are_dead_lettered_and_the_rest_analysed(kafka_settings
 
     reader = TopicReader(settings, ["results", "summaries", "deadletter"])
     worker = WorkerProcess(settings, tmp_path, "w", "--analysis", "real", "--retries", "2",
-                           "--retry-backoff", "0.1", "--summary-timeout", "8", "--log-level", "warning").start()
+                           "--retry-backoff", "0.1", "--summary-timeout", "15", "--log-level", "warning").start()
     try:
         publisher = EventPublisher(settings)
         publisher.publish([

@@ -154,36 +154,8 @@ def test_service_user_is_denied_outside_its_prefix(scram_cluster) -> None:
     assert reports[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
 
 
-def test_faust_credentials_authenticate(scram_cluster) -> None:
-    """Faust workers log in with SCRAM-SHA-512 too (aiokafka from faust's credentials)."""
-    import asyncio
-
-    from aiokafka import AIOKafkaProducer
-    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
-
-    from streams.app import faust_broker_options
-
-    settings, _, _ = scram_cluster
-    options = faust_broker_options(settings)
-    auth = credentials_to_aiokafka_auth(options["broker_credentials"])
-    assert auth["sasl_mechanism"] == "SCRAM-SHA-512"
-    topic = f"{PREFIX}faust-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient(settings.kafka_client_config())
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
-
-    async def send() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, **auth)
-        await producer.start()
-        try:
-            await producer.send_and_wait(topic, b"from aiokafka")
-        finally:
-            await producer.stop()
-
-    asyncio.run(asyncio.wait_for(send(), 60))
-
-
-def test_a_faust_worker_runs_as_the_service_user(scram_cluster, tmp_path) -> None:
-    """`beamstream worker` (Faust + aiokafka, transactions) analyses images on the SCRAM cluster."""
+def test_a_worker_runs_as_the_service_user(scram_cluster, tmp_path) -> None:
+    """`beamstream worker` (both stages: consumer groups, transactions, tables) works on the SCRAM cluster."""
     from beamstream.harness import TopicReader
     from beamstream.topics import apply_topics
     from producers.events import EventPublisher, collection_ended, collection_started, image_arrived
@@ -193,7 +165,7 @@ def test_a_faust_worker_runs_as_the_service_user(scram_cluster, tmp_path) -> Non
     dcid, n_images = 910001, 4
     grid = {"rows": 2, "columns": 2, "step_x_um": 10.0, "step_y_um": 10.0,
             "origin_x_mm": 0.0, "origin_y_mm": 0.0, "snaked": False, "plane": "xy"}
-    reader = TopicReader(settings, ["results"])
+    reader = TopicReader(settings, ["results", "summaries"])
     log = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen([sys.executable, "-m", "beamstream", "worker", "--analysis", "noop",
                                "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -206,6 +178,8 @@ def test_a_faust_worker_runs_as_the_service_user(scram_cluster, tmp_path) -> Non
         publisher.close()
         reader.wait_for(lambda: len(reader.values("results", "ImageResult", dcid)) >= n_images, 180,
                         f"{n_images} results from a SCRAM-authenticated worker")
+        reader.wait_for(lambda: reader.values("summaries", "CollectionSummary", dcid), 60,
+                        "the summary from the worker's collect stage")
     finally:
         worker.terminate()
         worker.wait(60)

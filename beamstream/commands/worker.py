@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
+import threading
 
 from beamstream.errors import BeamstreamError
 from beamstream.logs import configure_json_logging
@@ -15,7 +17,7 @@ def register(subparsers) -> None:
     """Add the ``worker`` command."""
     parser = subparsers.add_parser(
         "worker",
-        help="run an analysis worker (Faust, exactly-once)",
+        help="run an analysis worker (exactly-once)",
         description="Consume image events, analyse each image, publish results, keep per-collection "
         "tables and publish progress and one summary per collection. Start more workers to share the "
         "partitions; stop one with SIGTERM (or Ctrl-C) for a clean shutdown. Logs are JSON lines.",
@@ -23,6 +25,9 @@ def register(subparsers) -> None:
     parser.add_argument("--analysis", choices=("real", "noop"), default="real",
                         help="real: DIALS-compatible spot finding (default); noop: no analysis, for "
                         "measuring the pipeline itself")
+    parser.add_argument("--simulated-analysis-time", type=float, default=0.0, metavar="SECONDS",
+                        help="with --analysis noop: take this long per image (sleeping, no CPU), to try "
+                        "scaling and latency with a realistic analysis time (default 0)")
     parser.add_argument("--backend", choices=("numba", "numpy", "dials"), default="numba",
                         help="spot-finding implementation (default numba)")
     parser.add_argument("--summary-timeout", type=float, default=60.0, metavar="SECONDS",
@@ -45,11 +50,13 @@ def build_pipeline(args: argparse.Namespace):
     """The Pipeline the arguments describe (separate from running it, for tests and the demo)."""
     from diffraction.analysis import SpotFindingParams
     from streams.app import Pipeline, PipelineOptions
-    from streams.image_analysis import analyse_file, noop_analysis
+    from streams.image_analysis import analyse_file, noop_analysis, timed_noop_analysis
 
     if args.summary_timeout < 0 or args.retries < 1 or args.retry_backoff < 0:
         raise BeamstreamError("--summary-timeout and --retry-backoff must be >= 0 and --retries >= 1")
-    analysis = noop_analysis
+    if args.simulated_analysis_time < 0 or args.simulated_analysis_time and args.analysis != "noop":
+        raise BeamstreamError("--simulated-analysis-time must be >= 0 and needs --analysis noop")
+    analysis = timed_noop_analysis(args.simulated_analysis_time) if args.simulated_analysis_time else noop_analysis
     if args.analysis == "real":
         from diffraction.analysis import warm_up
 
@@ -61,9 +68,7 @@ def build_pipeline(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the worker until SIGTERM/SIGINT."""
-    from faust import Worker
-
+    """Run the worker until SIGTERM/SIGINT (exit 0) or until a stage fails (exit 1)."""
     from beamstream import metrics
 
     level = getattr(logging, args.log_level.upper())
@@ -71,13 +76,11 @@ def run(args: argparse.Namespace) -> int:
     port = metrics.metrics_port(args.metrics_port)
     if port is not None:
         metrics.serve(port)  # a daemon thread; it goes with the process
-    configure_json_logging("worker", level)
-    worker = Worker(pipeline.app, loglevel=args.log_level, quiet=True, redirect_stdouts=False,
-                    override_logging=False)
-
-    @pipeline.app.on_before_shutdown.connect
-    def _on_shutdown(app, **kwargs) -> None:
-        pipeline.shutdown()
-
-    worker.execute_from_commandline()  # exits the process when the worker stops
-    return 0
+    configure_json_logging("worker", level, settings=pipeline.settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    logging.getLogger("beamstream.worker").info("worker started", extra={
+        "worker": pipeline.worker_id, "analysis": pipeline.analysis_name,
+        "exactly_once": pipeline.options.exactly_once})
+    return pipeline.start().run(stop)
