@@ -83,6 +83,11 @@ _SAMPLES: dict[str, dict] = {
         "sample_id": 77, "x_mm": 0.15, "y_mm": -0.17, "z_mm": 0.02, "xy_dcid": 1001, "xz_dcid": 1002,
         "event_time": _T0,
     },
+    "MonitorEvent": {
+        "monitor_id": "monitor@host:99", "kind": "decision", "code": "scale_up",
+        "message": "lag 1200 images: 2 -> 4 workers", "workers": 2, "target_workers": 4, "lag": 1200,
+        "produce_rate_hz": 100.0, "consume_rate_hz": 40.0, "new_dead_letters": 0, "event_time": _T0,
+    },
     "ServiceHeartbeat": {
         "service_id": "worker@host:1234", "service_type": "worker", "host": "host", "pid": 1234,
         "status": "running", "version": "0.1.0", "started_at": _T0, "sent_at": _T0,
