@@ -90,6 +90,7 @@ class Pipeline:
         self.stats = {"images": 0.0, "dead_letters": 0.0, "summaries": 0.0}
         self._side_producer = None  # non-transactional: heartbeats and checks
         self._last_check: dict[bytes, float] = {}
+        self._owned_since: dict[int, float] = {}  # collections-table partition -> when this worker took it
         self.collections = ChangelogTable(settings, topic_name(settings, "workers-collections-changelog"))
         self.samples = ChangelogTable(settings, topic_name(settings, "workers-samples-changelog"))
         common = {"exactly_once": self.options.exactly_once, "commit_interval_s": self.options.commit_interval_s}
@@ -109,6 +110,9 @@ class Pipeline:
 
     def _restore_tables(self, partitions) -> None:
         started = time.monotonic()
+        for tp in partitions:
+            if tp.topic == self.topics["collections"]:
+                self._owned_since[tp.partition] = time.time()
         for table in (self.collections, self.samples):
             numbers = {tp.partition for tp in partitions if self._table_for(tp.topic) is table}
             loaded = table.restore(numbers)
@@ -241,7 +245,8 @@ class Pipeline:
         if decoded.name == "ImageResult" and changed and state.started and cs.progress_due(state):
             state.announced = state.n_seen
             outputs.append(self._encoded("announce", "CollectionProgress", dcid_bytes, cs.build_progress(state, now)))
-        status = cs.completion(state, time.time(), self.options.summary_timeout_s)
+        status = cs.completion(state, time.time(), self.options.summary_timeout_s,
+                               self._owned_since.get(partition, 0.0))
         if status is not None:
             state.summarized = True
             summary = cs.build_summary(state, status, now)
@@ -290,11 +295,11 @@ class Pipeline:
     def _request_deadline_checks(self) -> None:
         # Runs on the collect stage's thread, which owns the table.
         now = time.time()
-        for _partition, key, stored in self.collections.items():
+        for partition, key, stored in self.collections.items():
             state = cs.CollectionState.from_json(stored)
             if state.summarized or not state.ended:
                 continue
-            if cs.completion(state, now, self.options.summary_timeout_s) is None:
+            if cs.completion(state, now, self.options.summary_timeout_s, self._owned_since.get(partition, 0.0)) is None:
                 continue
             if now - self._last_check.get(key, 0.0) < max(1.0, self.options.summary_timeout_s / 4):
                 continue

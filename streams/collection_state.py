@@ -174,13 +174,15 @@ def missing_images(state: CollectionState) -> list[int]:
     return [n for n in range(first, first + state.expected) if not state.has_image(n)]
 
 
-def completion(state: CollectionState, now: float, timeout_s: float) -> str | None:
+def completion(state: CollectionState, now: float, timeout_s: float, owned_since: float = 0.0) -> str | None:
     """``complete`` when every expected image has a result, ``incomplete`` when the
     collection ended and no new result came for ``timeout_s``, else None.
 
     Measuring the timeout from the last activity, not from the end event, keeps a
     slow or restarting worker's images from being declared missing while they are
-    still being analysed.
+    still being analysed. ``owned_since`` is when this process took the collection's
+    partition over: results may have queued up while nobody owned it, so a takeover
+    starts the wait again.
     """
     if state.summarized or not state.started:
         return None
@@ -190,7 +192,7 @@ def completion(state: CollectionState, now: float, timeout_s: float) -> str | No
     if all(state.has_image(n) for n in range(state.start_image_number, state.start_image_number + expected)):
         return "complete" if expected == state.expected else "incomplete"
     if state.ended and state.ended_at is not None:
-        quiet_since = max(state.ended_at, state.last_activity or 0.0)
+        quiet_since = max(state.ended_at, state.last_activity or 0.0, owned_since)
         if now - quiet_since >= timeout_s:
             return "incomplete"
     return None

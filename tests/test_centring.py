@@ -80,6 +80,9 @@ def test_completion_and_summary():
     cs.apply_result(late, _result(13, 1), now=125.0)  # still analysing: the timeout restarts
     assert cs.completion(late, now=131, timeout_s=30) is None
     assert cs.completion(late, now=156, timeout_s=30) == "incomplete"
+    # A worker that took the partition over at 150 (its results may have queued meanwhile) waits afresh.
+    assert cs.completion(late, now=156, timeout_s=30, owned_since=150.0) is None
+    assert cs.completion(late, now=181, timeout_s=30, owned_since=150.0) == "incomplete"
     cs.apply_result(state, _result(12, 50))
     assert cs.completion(state, now=0, timeout_s=30) == "complete"
     summary = cs.build_summary(state, "complete", T0)
