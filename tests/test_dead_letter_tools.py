@@ -18,7 +18,7 @@ from beamstream.retained import offset_bounds, open_reader, partitions_of, read_
 from beamstream.settings import load_settings
 from beamstream.topics import topic_name
 from producers.events import EventPublisher, collection_ended, collection_started, image_arrived
-from schemas.keys import dcid_key
+from schemas.keys import dcid_key, image_key
 from tests.cli_run import one_line_error, run_cli
 
 DCID = 820001
@@ -107,7 +107,7 @@ def test_poison_messages_are_dead_lettered_then_reinjected_and_purged(kafka_sett
         shown = _json(run_cli(settings, "dlq", "show", missing["id"], "--json"))
         assert shown["payload_decoded"]["record_type"] == "ImageArrived"
         assert shown["payload_decoded"]["value"]["file_path"] == str(frames[2])
-        assert shown["key"]["text"] == str(DCID) and "thau_0003.cbf" in shown["reason"]
+        assert shown["key"]["text"] == f"{DCID}:3" and "thau_0003.cbf" in shown["reason"]
         poison = _json(run_cli(settings, "dlq", "show", by_type["UnknownSchemaError"]["id"], "--json"))
         assert "unknown schema fingerprint" in poison["payload_decoded"]["error"]
         assert poison["payload"]["hex_preview"].startswith("c3 01 00")
@@ -137,7 +137,7 @@ def test_poison_messages_are_dead_lettered_then_reinjected_and_purged(kafka_sett
         assert summary["missing_images"] == []
         again = [r for r in reader.values("deadletter") if r["image_number"] == 3]
         assert len(again) == 1, "the reinjected image failed again"
-        copies = [r for r in read_topic(settings, images) if r.key == dcid_key(DCID)
+        copies = [r for r in read_topic(settings, images) if r.key == image_key(DCID, 3)
                   and dict(r.headers).get("beamstream-reinjected") == b"1"]
         assert len(copies) == 1
         assert dict(copies[0].headers)["beamstream-reinjected-from"] == f"{topic_name(settings, 'deadletter')}:" \
