@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -197,9 +198,11 @@ def configure_json_logging(service: str, level: int = logging.INFO, stream=None,
                            settings: Settings | None = None) -> None:
     """Send all logging to ``stream`` (stderr) as JSON lines tagged with ``service``; when
     ``settings.log_topic`` is on, the same lines go to the ``logs`` topic too."""
-    # A crash inside a C extension (librdkafka, HDF5 filters) then leaves the Python stacks in the log.
+    # A crash inside a C extension (librdkafka, HDF5 filters) then leaves the Python stacks in the log,
+    # and `kill -USR1 <pid>` prints every thread's stack without stopping a service that seems stuck.
     try:
         faulthandler.enable()
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (captured, embedded)
         pass
     formatter = JsonFormatter(service)
