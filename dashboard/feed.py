@@ -1,9 +1,9 @@
 """The dashboard's feed: a background read_committed consumer folding the topics into the view.
 
 It reads every retained record from the beginning on start (its group id is its own
-and it never commits), so a restarted dashboard shows the same picture. It also
-measures the workers' consumer lag on the images topic every few seconds for
-``/metrics``.
+and it never commits), so a restarted dashboard shows the same picture. It counts
+the records of every topic it reads for their rates, and measures the consumer
+groups' lag every few seconds, for the page and for ``/metrics``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import threading
 import time
 import uuid
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
 from beamstream import metrics
 from beamstream.kafka_clients import make_admin, make_consumer
+from beamstream.lag import group_progress
 from beamstream.settings import Settings
-from beamstream.topics import topic_name
+from beamstream.topics import group_name, topic_name
 from dashboard.view import DashboardView
 from schemas.serde import SerdeError, make_serde
 
@@ -26,56 +27,74 @@ log = logging.getLogger(__name__)
 
 #: The logical topics the view is folded from.
 FEED_TOPICS = ("collections", "results", "announce", "summaries", "heartbeats", "deadletter",
-               "deadletter-resolved")
-#: How often the workers' lag is measured (it costs a few admin and watermark requests).
+               "deadletter-resolved", "monitor")
+#: Topics only counted, for their message rate (image events say nothing the results don't).
+RATE_ONLY_TOPICS = ("images",)
+#: (consumer group, topic) pairs whose lag the page shows: the work waiting at each stage.
+LAG_WATCH = (("analysis", "images"), ("collect", "results"), ("collect", "collections"),
+             ("ispyb-sink", "results"), ("ispyb-sink", "summaries"), ("archiver", "collections"))
+#: How often the lags are measured (each costs a few admin and watermark requests).
 LAG_INTERVAL_S = 10.0
 
 
 class Feed:
-    """Consumes :data:`FEED_TOPICS` in a daemon thread into ``view`` until :meth:`stop`."""
+    """Consumes :data:`FEED_TOPICS` in a daemon thread into ``view`` until :meth:`stop`; measures the
+    lags of :data:`LAG_WATCH` in another."""
 
     def __init__(self, settings: Settings, view: DashboardView) -> None:
         self.settings, self.view = settings, view
         self.serde = make_serde(settings.schema_registry_url)
-        self.topics = {topic_name(settings, t): t for t in FEED_TOPICS}
+        self.topics = {topic_name(settings, t): t for t in FEED_TOPICS + RATE_ONLY_TOPICS}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dashboard-feed", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name="dashboard-feed", daemon=True),
+                         threading.Thread(target=self._run_lag, name="dashboard-lag", daemon=True)]
         self.undecodable = 0
-        self._admin = None  # made once: a client per measurement would leave librdkafka handles to the GC
 
     def start(self) -> Feed:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0.1))
 
     def _run(self) -> None:
         consumer = make_consumer(self.settings, f"{self.settings.topic_prefix}dashboard-{uuid.uuid4().hex[:12]}")
         consumer.subscribe(list(self.topics))
-        # The first measurement waits a full interval: nothing lags at start-up, and a librdkafka admin
-        # request racing a process launch elsewhere in this process has crashed it (seen with Playwright).
-        next_lag = time.monotonic() + LAG_INTERVAL_S
         try:
             while not self._stop.is_set():
                 message = consumer.poll(0.2)
                 if message is not None and not message.error():
                     self._fold(message)
-                if time.monotonic() >= next_lag:
-                    next_lag = time.monotonic() + LAG_INTERVAL_S
-                    self._measure_lag(consumer)
         except Exception:  # the page must say the feed died rather than silently freeze
             log.exception("dashboard feed stopped")
             raise
         finally:
             consumer.close()
-            self._admin = None  # released here, in this thread, rather than whenever the GC gets to it
+
+    def _run_lag(self) -> None:
+        # Its own clients: offset queries on the feed's consumer wait behind its fetches (up to
+        # fetch.wait.max.ms each), which made one round take longer than the interval and starved
+        # the feed. This consumer never subscribes, so it never fetches.
+        consumer = make_consumer(self.settings, f"{self.settings.topic_prefix}dashboard-lag-{uuid.uuid4().hex[:12]}")
+        admin = make_admin(self.settings)
+        try:
+            # The first round waits a full interval: nothing lags at start-up, and a librdkafka admin
+            # request racing a process launch elsewhere in this process has crashed it (seen with Playwright).
+            while not self._stop.wait(LAG_INTERVAL_S):
+                self._measure_lag(admin, consumer)
+        finally:
+            consumer.close()
 
     def _fold(self, message) -> None:
         logical = self.topics[message.topic()]
-        if message.value() is None:
-            return  # a tombstone on a compacted topic
+        _kind, timestamp_ms = message.timestamp()
+        self.view.count(logical, timestamp_ms / 1000 if timestamp_ms > 0 else time.time())
+        if message.value() is None or logical in RATE_ONLY_TOPICS:
+            return  # a tombstone on a compacted topic, or only counted
         try:
             decoded = self.serde.decode(message.value(), message.topic())
         except SerdeError:
@@ -89,23 +108,19 @@ class Feed:
             metrics.TOPIC_RESULT_LATENCY.observe(max((value["result_time"] - value["event_time"]).total_seconds(), 0))
         self.view.apply(logical, decoded.name, decoded.value, message.partition(), message.offset(), message.key())
 
-    def _measure_lag(self, consumer) -> None:
-        """The workers' group lag on the images topic: end offsets minus committed offsets, summed."""
-        group = f"{self.settings.topic_prefix}workers"
-        images = topic_name(self.settings, "images")
-        try:
-            if self._admin is None:
-                self._admin = make_admin(self.settings)
-            future = self._admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
-                                                       request_timeout=5)[group]
-            committed = {tp.partition: tp.offset for tp in future.result(5).topic_partitions
-                         if tp.topic == images}
-            lag = 0
-            for partition, offset in committed.items():
-                _low, high = consumer.get_watermark_offsets(TopicPartition(images, partition), timeout=2)
-                lag += max(high - max(offset, 0), 0)
-            metrics.CONSUMER_LAG.labels(group=group, topic=images).set(lag)
-        except (KafkaException, TimeoutError, KeyError) as exc:
-            log.debug("lag not measured: %s", exc)
-        except Exception:  # a metric is never worth stopping the feed for
-            log.debug("lag not measured", exc_info=True)
+    def _measure_lag(self, admin, consumer) -> None:
+        """Each watched group's lag on its topic (events not yet committed, summed over partitions)."""
+        for logical_group, logical_topic in LAG_WATCH:
+            if self._stop.is_set():
+                return
+            group, topic = group_name(self.settings, logical_group), topic_name(self.settings, logical_topic)
+            try:
+                progress = group_progress(admin, consumer, group, topic)
+            except (KafkaException, TimeoutError, KeyError) as exc:
+                log.debug("lag not measured: %s", exc)
+                continue
+            except Exception:  # a metric is never worth stopping the feed for
+                log.debug("lag not measured", exc_info=True)
+                continue
+            metrics.CONSUMER_LAG.labels(group=group, topic=topic).set(progress.lag)
+            self.view.record_lag(logical_group, logical_topic, progress.lag, progress.members, time.time())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,11 @@ STALE_AFTER_S = 20.0
 MAX_DEAD_LETTERS = 500
 #: Most points a rotation plot gets; longer sweeps are thinned evenly (a 20,000-image sweep is 2 MB of JSON).
 MAX_PLOT_POINTS = 2000
+#: Message rates are records per second over this window, by the records' own timestamps (so a
+#: restarted dashboard reading old records shows no phantom burst).
+RATE_WINDOW_S = 60.0
+#: The process monitor's decisions and warnings kept (its routine observations only update its status).
+MAX_MONITOR_EVENTS = 50
 
 
 def _iso(value: Any) -> Any:
@@ -148,6 +153,10 @@ class DashboardView:
         self.dead_letters: OrderedDict[str, dict] = OrderedDict()
         self.resolutions: dict[str, dict] = {}
         self.records_read = 0
+        self.arrivals: dict[str, deque[float]] = {}  # logical topic -> record timestamps within the window
+        self.lags: dict[tuple[str, str], dict] = {}  # (group, topic) -> last measurement
+        self.monitor_events: deque[dict] = deque(maxlen=MAX_MONITOR_EVENTS)
+        self.monitor_status: dict[str, dict] = {}  # monitor id -> its latest observation
 
     # -- folding ---------------------------------------------------------------------
     def apply(self, topic: str, record_type: str, value: dict, partition: int = 0, offset: int = 0,
@@ -158,6 +167,19 @@ class DashboardView:
             handler = getattr(self, f"_on_{record_type}", None)
             if handler is not None:
                 handler(value, partition=partition, offset=offset, key=key)
+
+    def count(self, topic: str, timestamp_s: float) -> None:
+        """Count one record of logical ``topic`` written at ``timestamp_s`` (epoch seconds) for its rate."""
+        with self._lock:
+            times = self.arrivals.setdefault(topic, deque())
+            times.append(timestamp_s)
+            _forget_before(times, timestamp_s - RATE_WINDOW_S)  # bounded even if nobody asks
+
+    def record_lag(self, group: str, topic: str, lag: int, members: int, measured_at: float) -> None:
+        """Store a consumer group's lag on ``topic`` as measured at ``measured_at`` (epoch seconds)."""
+        with self._lock:
+            self.lags[(group, topic)] = {"group": group, "topic": topic, "lag": lag, "consumers": members,
+                                         "measured_at": measured_at}
 
     def _collection(self, value: dict) -> CollectionView:
         key = run_id(value["dcid"], value.get("processing_job_id"))
@@ -214,6 +236,12 @@ class DashboardView:
         while len(self.dead_letters) > MAX_DEAD_LETTERS:
             self.dead_letters.popitem(last=False)
 
+    def _on_MonitorEvent(self, value: dict, **_: Any) -> None:  # noqa: N802
+        event = {k: _iso(v) for k, v in value.items()}
+        self.monitor_status[value["monitor_id"]] = event
+        if value["kind"] != "status":
+            self.monitor_events.append(event)
+
     def _on_DeadLetterResolved(self, value: dict, key: bytes | None = None, **_: Any) -> None:  # noqa: N802
         dead_id = (key or b"").decode(errors="replace") or \
             f"{value['dead_letter_partition']}:{value['dead_letter_offset']}"
@@ -266,6 +294,28 @@ class DashboardView:
                 rows.append({**row, "resolution": resolution})
             return rows
 
+    def pipeline(self, now: float | None = None) -> dict:
+        """Message rates per topic, consumer lag per group and topic, and the process monitor's word."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rates = []
+            for topic, times in sorted(self.arrivals.items()):
+                _forget_before(times, now - RATE_WINDOW_S)
+                recent = sum(1 for t in times if now - RATE_WINDOW_S <= t <= now)
+                rates.append({"topic": topic, "records_last_window": recent,
+                              "per_second": round(recent / RATE_WINDOW_S, 2)})
+            lags = [{**row, "age_s": round(now - row["measured_at"], 1)}
+                    for _, row in sorted(self.lags.items())]
+            return {"window_s": RATE_WINDOW_S, "rates": rates, "lags": lags,
+                    "monitors": [self.monitor_status[m] for m in sorted(self.monitor_status)],
+                    "monitor_events": list(reversed(self.monitor_events))}
+
     def has_dead_letter(self, dead_id: str) -> bool:
         with self._lock:
             return dead_id in self.dead_letters
+
+
+def _forget_before(times: deque[float], cutoff: float) -> None:
+    """Drop timestamps older than ``cutoff`` from the front (records arrive roughly in time order)."""
+    while times and times[0] < cutoff:
+        times.popleft()

@@ -91,6 +91,10 @@ async def dead_letters(request: web.Request) -> web.Response:
     return _json(request.app[_VIEW].dead_letter_rows())
 
 
+async def pipeline(request: web.Request) -> web.Response:
+    return _json(request.app[_VIEW].pipeline())
+
+
 async def health(request: web.Request) -> web.Response:
     view = request.app[_VIEW]
     return _json({"status": "ok", "records_read": view.records_read,
@@ -191,5 +195,6 @@ def create_app(settings: Settings, view: DashboardView) -> web.Application:
     app.router.add_post("/api/collections/{dcid}/reprocess", reprocess)
     app.router.add_get("/api/services", services)
     app.router.add_get("/api/deadletters", dead_letters)
+    app.router.add_get("/api/pipeline", pipeline)
     app.router.add_post("/api/deadletters/{dead_id}/reinject", reinject)
     return app

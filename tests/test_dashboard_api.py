@@ -167,3 +167,33 @@ def test_served_api_and_metrics_against_the_broker(kafka_settings):
         assert status == 404 and "no dead letter 0:999" in json.loads(body)["error"]
         status, text = get("/metrics")
         assert status == 200 and b"beamstream_topic_events" in text and b"beamstream_consumer_lag" in text
+
+
+def test_pipeline_shows_rates_lag_and_the_monitor(offline):
+    view = _filled_view()
+    now = datetime.now(UTC)
+    t = now.timestamp()
+    for age in (200.0, 50.0, 30.0, 1.0):  # the first is outside the rate window
+        view.count("images", t - age)
+    view.count("results", t - 2.0)
+    view.record_lag("analysis", "images", 12, 2, t - 3.0)
+    monitor = {"monitor_id": "monitor@h:1", "workers": 1, "target_workers": 1, "lag": 0, "produce_rate_hz": 0.0,
+               "consume_rate_hz": 0.0, "new_dead_letters": 0}
+    view.apply("monitor", "MonitorEvent", {**monitor, "kind": "status", "code": "observed", "message": "steady",
+                                           "event_time": now})
+    view.apply("monitor", "MonitorEvent", {**monitor, "kind": "decision", "code": "scale_up", "message": "lag 900",
+                                           "workers": 1, "target_workers": 3, "event_time": now})
+    view.apply("monitor", "MonitorEvent", {**monitor, "kind": "status", "code": "observed", "message": "busy",
+                                           "workers": 3, "target_workers": 3, "lag": 40, "event_time": now})
+    [(status, body)] = _call(offline, view, [("GET", "/api/pipeline")])
+    assert status == 200
+    rates = {r["topic"]: r for r in body["rates"]}
+    assert rates["images"]["records_last_window"] == 3 and rates["results"]["records_last_window"] == 1
+    assert rates["images"]["per_second"] == round(3 / body["window_s"], 2)
+    [lag] = body["lags"]
+    assert (lag["group"], lag["topic"], lag["lag"], lag["consumers"]) == ("analysis", "images", 12, 2)
+    assert lag["age_s"] >= 3.0
+    # Routine observations update the monitor's status; only decisions and warnings are listed.
+    [latest] = body["monitors"]
+    assert latest["message"] == "busy" and latest["workers"] == 3
+    assert [e["code"] for e in body["monitor_events"]] == ["scale_up"]

@@ -138,6 +138,9 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
             centre_row = float(page.get_attribute("#xray-centre", "data-row"))
             assert 0 <= centre_row <= 2
             assert "complete" in page.inner_text("#detail-title")
+            # The pipeline panel: the scan's image events in the rates, the analysis group's lag measured.
+            page.wait_for_selector("#lag-rows tr[data-group='analysis'][data-topic='images']", timeout=30_000)
+            assert int(page.get_attribute("#rate-rows tr[data-topic='images']", "data-count")) >= 12
             shot = _screenshot(page, tmp_path, "dashboard-gridscan")
             assert shot.stat().st_size > 10_000
 

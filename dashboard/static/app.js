@@ -177,6 +177,34 @@ function drawDeadLetters(rows) {
   }));
 }
 
+// -- pipeline: lag, rates, the process monitor ---------------------------------------------
+function drawPipeline(p) {
+  if (p.lags.length) {
+    document.getElementById("lag-rows").replaceChildren(...p.lags.map((l) => {
+      const tr = el("tr", { "data-group": l.group, "data-topic": l.topic, "data-lag": l.lag });
+      tr.append(el("td", {}, l.group), el("td", {}, l.topic), el("td", {}, l.lag),
+                el("td", { class: l.consumers || !l.lag ? "" : "idle-group" }, l.consumers || "none"), el("td", {}, `${l.age_s} s ago`));
+      return tr;
+    }));
+  }
+  if (p.rates.length) {
+    document.getElementById("rate-window").textContent = `last ${p.window_s} s`;
+    document.getElementById("rate-rows").replaceChildren(...p.rates.map((r) => {
+      const tr = el("tr", { "data-topic": r.topic, "data-count": r.records_last_window });
+      tr.append(el("td", {}, r.topic), el("td", {}, r.per_second.toFixed(2)), el("td", {}, r.records_last_window));
+      return tr;
+    }));
+  }
+  const status = document.getElementById("monitor-status");
+  if (p.monitors.length) {
+    status.className = "";
+    status.textContent = p.monitors.map((m) =>
+      `${m.monitor_id}: ${m.workers} worker(s), wants ${m.target_workers}, lag ${m.lag} (${fmtTime(m.event_time)})`).join("; ");
+  }
+  document.getElementById("monitor-events").replaceChildren(...p.monitor_events.slice(0, 10).map((e) =>
+    el("li", { class: `monitor-${e.kind}`, "data-code": e.code }, `${fmtTime(e.event_time)} ${e.code}: ${e.message}`)));
+}
+
 // -- actions ------------------------------------------------------------------------------
 function staffToken() {
   let token = sessionStorage.getItem(TOKEN_KEY);
@@ -207,10 +235,11 @@ async function reinject(id, button) {
 // -- polling ------------------------------------------------------------------------------
 async function refresh() {
   try {
-    const [collections, services, deadletters] = await Promise.all(
-      [getJSON("/api/collections"), getJSON("/api/services"), getJSON("/api/deadletters")]);
+    const [collections, services, deadletters, pipeline] = await Promise.all(
+      [getJSON("/api/collections"), getJSON("/api/services"), getJSON("/api/deadletters"), getJSON("/api/pipeline")]);
     drawCollections(collections);
     drawServices(services);
+    drawPipeline(pipeline);
     drawDeadLetters(deadletters);
     const id = currentId(collections);
     if (id) {
