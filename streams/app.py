@@ -91,8 +91,11 @@ class Pipeline:
         self._side_producer = None  # non-transactional: heartbeats and checks
         self._last_check: dict[bytes, float] = {}
         self._owned_since: dict[int, float] = {}  # collections-table partition -> when this worker took it
-        self.collections = ChangelogTable(settings, topic_name(settings, "workers-collections-changelog"))
-        self.samples = ChangelogTable(settings, topic_name(settings, "workers-samples-changelog"))
+        self.collections: ChangelogTable[cs.CollectionState] = ChangelogTable(
+            settings, topic_name(settings, "workers-collections-changelog"), cs.CollectionState.to_json,
+            cs.CollectionState.from_json)
+        self.samples: ChangelogTable[dict] = ChangelogTable(
+            settings, topic_name(settings, "workers-samples-changelog"), samples.dump, samples.load)
         common = {"exactly_once": self.options.exactly_once, "commit_interval_s": self.options.commit_interval_s}
         self.analysis_stage = TransactionalStage(
             settings, group_name(settings, "analysis"), [self.topics["images"]], self.analyse_image_event,
@@ -101,6 +104,7 @@ class Pipeline:
             settings, group_name(settings, "collect"),
             [self.topics["results"], self.topics["collections"], self.topics["samples"]], self.collect_event,
             name="collect", on_assigned=self._restore_tables, on_revoked=self._drop_tables,
+            flush=self._flush_tables,
             on_aborted=self._reload_tables, tick=self._request_deadline_checks, **common)
         self.stages = (self.analysis_stage, self.collect_stage)
 
@@ -123,6 +127,10 @@ class Pipeline:
     def _drop_tables(self, partitions) -> None:
         for table in (self.collections, self.samples):
             table.drop({tp.partition for tp in partitions if self._table_for(tp.topic) is table})
+
+    def _flush_tables(self) -> list[Output]:
+        # Once per transaction: the tables' changed entries, each encoded once.
+        return self.collections.flush() + self.samples.flush()
 
     def _reload_tables(self) -> None:
         # An aborted transaction took its table changes with it; the in-memory tables
@@ -219,8 +227,7 @@ class Pipeline:
             return [self._dead_letter_output(message, str(exc), type(exc).__name__, 1)]
         value = decoded.value
         key = cs.state_key(value["dcid"], value.get("processing_job_id")).encode()
-        stored = self.collections.get(partition, key)
-        state = cs.CollectionState.from_json(stored) if stored else cs.CollectionState(
+        state = self.collections.get(partition, key) or cs.CollectionState(
             value["dcid"], value.get("processing_job_id"))
         changed = True
         if decoded.name == "ImageResult":
@@ -269,7 +276,7 @@ class Pipeline:
                 "dcid": state.dcid, "status": status, "images": state.n_seen, "expected": state.expected,
                 "best_image": state.best_image})
         if changed or outputs:
-            outputs.append(self.collections.put(partition, key, state.to_json()))
+            self.collections.put(partition, key, state)
         return outputs
 
     def _handle_sample_summary(self, message) -> list[Output]:
@@ -279,9 +286,10 @@ class Pipeline:
         except SerdeError as exc:
             return [self._dead_letter_output(message, str(exc), type(exc).__name__, 1)]
         key = message.key()
-        state = samples.load(self.samples.get(partition, key))
+        state = self.samples.get(partition, key) or samples.empty_state()
         centre = samples.record_grid_summary(state, summary, datetime.now(UTC))
-        outputs: list[Output] = [self.samples.put(partition, key, samples.dump(state))]
+        self.samples.put(partition, key, state)
+        outputs: list[Output] = []
         if centre is not None:
             outputs.append(self._encoded("summaries", "SampleCentre", key, centre))
             log.info("3D centre", extra={"sample_id": centre["sample_id"], "dcid": summary["dcid"],
@@ -295,8 +303,7 @@ class Pipeline:
     def _request_deadline_checks(self) -> None:
         # Runs on the collect stage's thread, which owns the table.
         now = time.time()
-        for partition, key, stored in self.collections.items():
-            state = cs.CollectionState.from_json(stored)
+        for partition, key, state in self.collections.items():
             if state.summarized or not state.ended:
                 continue
             if cs.completion(state, now, self.options.summary_timeout_s, self._owned_since.get(partition, 0.0)) is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 
 import numpy as np
@@ -74,7 +74,8 @@ class CollectionState:
     # -- serialisation ------------------------------------------------------
     def to_json(self) -> bytes:
         """Compact JSON bytes (what the table's changelog carries)."""
-        record = asdict(self)
+        # Shallow: asdict() deep-copies every field, most of the cost on a large grid.
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
         record["seen"] = base64.b64encode(bytes(self.seen)).decode()
         record["d_min_histogram"] = {str(k): v for k, v in self.d_min_histogram.items()}
         record["counts"] = {str(k): v for k, v in self.counts.items()}

@@ -54,7 +54,8 @@ FETCH_BATCH = 500
 class TransactionalStage:
     """Consume ``topics`` in consumer group ``group_id``; each event's outputs and its offset
     commit together. With ``exactly_once`` off, outputs are flushed and offsets committed
-    afterwards (at-least-once, to measure what the guarantee costs)."""
+    afterwards (at-least-once, to measure what the guarantee costs). ``flush``, if given, returns
+    outputs to add to every transaction after its events' own (a table's changed entries)."""
 
     def __init__(self, settings: Settings, group_id: str, topics: list[str], handle: Handler, *,
                  exactly_once: bool = True, commit_interval_s: float = 0.1, name: str = "stage",
@@ -62,9 +63,11 @@ class TransactionalStage:
                  on_assigned: Callable[[list[TopicPartition]], None] | None = None,
                  on_revoked: Callable[[list[TopicPartition]], None] | None = None,
                  on_aborted: Callable[[], None] | None = None,
+                 flush: Callable[[], list[Output]] | None = None,
                  tick: Callable[[], None] | None = None, tick_interval_s: float = 1.0) -> None:
         self.settings = settings
         self.on_aborted = on_aborted
+        self.flush = flush
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
         self.tick = tick
@@ -139,6 +142,8 @@ class TransactionalStage:
                 if not self._fill(consumer):
                     continue
                 outputs = self._process_batch()
+                if self.flush is not None:
+                    outputs.extend(self.flush())  # e.g. table changes, once per transaction
                 if self.exactly_once:
                     self.committing_since = time.monotonic()
                     in_batch = set(self._offsets.first)
@@ -193,7 +198,12 @@ class TransactionalStage:
         rebalance callbacks only run inside it, and an eager rebalance waits for every member
         to give up its partitions, so the whole group would wait out a slow queue."""
         room = max(FETCH_BATCH - len(self._pending), 1)
-        for message in consumer.consume(room, timeout=0 if self._pending else 0.2):
+        # consume(n, timeout) waits for n messages or the timeout, so block for the first event
+        # only (when idle) and then take what is already fetched: a batch never waits to fill up.
+        messages = consumer.consume(1, timeout=0 if self._pending else 0.2)
+        if messages and room > 1:
+            messages += consumer.consume(room - 1, timeout=0)
+        for message in messages:
             error = message.error()
             if error is None:
                 self._pending.append(message)
