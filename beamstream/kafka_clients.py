@@ -29,15 +29,19 @@ def make_producer(settings: Settings, transactional_id: str | None = None, **ext
         "acks": "all",
         "linger.ms": 2,
         "compression.type": "lz4",
-        # The Java client's (and aiokafka's, so Faust's) partitioner: a dcid key lands
-        # on the same partition number whichever client wrote it, which keeps the
-        # dcid-keyed topics co-partitioned for the stream processors.
+        # The Java client's partitioner: a dcid key lands on the same partition number
+        # whichever client wrote it, which keeps the dcid-keyed topics co-partitioned.
         "partitioner": "murmur2_random",
         "logger": _librdkafka_logger(),
     }
     if transactional_id:
         config["transactional.id"] = transactional_id
         config["transaction.timeout.ms"] = 60000
+        # A transaction begun while the previous one's commit markers are still being written is
+        # refused with CONCURRENT_TRANSACTIONS and retried after retry.backoff.ms: at the default
+        # 100 ms that retry was most of the pipeline's latency (p99 at 560 Hz 287 -> 189 ms at 10 ms;
+        # the backoff still grows exponentially to retry.backoff.max.ms during an outage).
+        config["retry.backoff.ms"] = 10
     config.update(extra)
     producer = Producer(config)
     if transactional_id:
