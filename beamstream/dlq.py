@@ -222,9 +222,12 @@ def select(scan: DeadLetterScan, ids: Iterable[str] = (), every: bool = False,
     return todo, [] if every else [e for e in chosen if e.resolution is not None]
 
 
-def reinject(settings: Settings, entries: list[DeadLetterEntry]) -> tuple[list[Reinjected], list[DeadLetterEntry]]:
+def reinject(settings: Settings, entries: list[DeadLetterEntry],
+             resolved_by: str | None = None) -> tuple[list[Reinjected], list[DeadLetterEntry]]:
     """Produce each dead letter's original message back to its source topic and mark it resolved,
-    all in one transaction. Returns (reinjected, skipped because reinjected meanwhile by someone else)."""
+    all in one transaction. Returns (reinjected, skipped because reinjected meanwhile by someone else).
+
+    ``resolved_by`` names who asked (the dashboard's staff member); by default the local user@host."""
     serde = make_serde(settings.schema_registry_url)
     marker_topic = topic_name(settings, "deadletter-resolved")
     writer = AtomicWriter(settings, f"{settings.topic_prefix}dlq-reinject")
@@ -263,7 +266,7 @@ def reinject(settings: Settings, entries: list[DeadLetterEntry]) -> tuple[list[R
                 "source_topic": v["source_topic"], "source_partition": v["source_partition"],
                 "source_offset": v["source_offset"], "failed_at": v["failed_at"],
                 "target_topic": v["source_topic"], "target_partition": partition, "target_offset": offset,
-                "reinjected_count": count, "resolved_by": _who(), "resolved_at": now,
+                "reinjected_count": count, "resolved_by": resolved_by or _who(), "resolved_at": now,
             }
             writer.produce(OutRecord(marker_topic, entry.id.encode(),
                                      serde.encode("DeadLetterResolved", marker, marker_topic)))

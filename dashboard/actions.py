@@ -22,8 +22,9 @@ class ActionError(Exception):
         self.status, self.reason = status, reason
 
 
-def reinject_dead_letter(settings: Settings, dead_id: str) -> dict:
-    """Reinject dead letter ``partition:offset`` with the dead-letter tools (beamstream/dlq.py).
+def reinject_dead_letter(settings: Settings, dead_id: str, requested_by: str) -> dict:
+    """Reinject dead letter ``partition:offset`` with the dead-letter tools (beamstream/dlq.py);
+    its resolution marker names ``requested_by``.
 
     404 when there is no such dead letter, 409 when it cannot be (or already was) reinjected.
     """
@@ -39,7 +40,7 @@ def reinject_dead_letter(settings: Settings, dead_id: str) -> dict:
     except dlq.DeadLetterError as exc:  # it does not decode: nothing to put back
         raise ActionError(409, str(exc)) from None
     if not skipped and todo:
-        done, skipped = dlq.reinject(settings, todo)
+        done, skipped = dlq.reinject(settings, todo, resolved_by=requested_by)
         if done:
             return {"id": dead_id, "target": done[0].target, "reinjected_count": done[0].reinjected_count}
     marker = skipped[0].resolution or {}

@@ -160,7 +160,7 @@ async def reinject(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(reason=f"a dead letter is named partition:offset (e.g. 0:42), got {dead_id!r}")
     settings = request.app[_SETTINGS]
     return await _act(request, principal, "reinject", dead_id,
-                      lambda: actions.reinject_dead_letter(settings, dead_id))
+                      lambda: actions.reinject_dead_letter(settings, dead_id, principal.name))
 
 
 async def reprocess(request: web.Request) -> web.Response:

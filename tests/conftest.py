@@ -17,6 +17,7 @@ import pytest
 
 from beamstream.cluster import LocalCluster
 from beamstream.harness import free_port_pair
+from beamstream.processes import alive
 from beamstream.settings import Settings, load_settings
 from beamstream.topics import apply_topics
 
@@ -29,6 +30,27 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.fail(f"shared data folder {DATA_DIR} is missing")
     return DATA_DIR
+
+
+#: Written into a session broker's home: the pid of the pytest process that owns the broker.
+OWNER_FILE = "pytest-owner.pid"
+
+
+def _stop_orphaned_brokers(pytest_root: Path) -> None:
+    """Stop brokers left by pytest sessions that were killed (their fixture teardown never ran).
+
+    Each would otherwise hold a gigabyte of heap and two ports until the machine restarts.
+    """
+    for owner_file in pytest_root.glob(f"pytest-*/home*/{OWNER_FILE}"):
+        try:
+            owner = int(owner_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if alive(owner):
+            continue  # another session still running: its broker is in use
+        home = owner_file.parent
+        LocalCluster(load_settings(environ={}, home=home)).down()
+        owner_file.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +67,10 @@ def kafka_cluster(tmp_path_factory) -> Iterator[tuple[Settings, LocalCluster | N
             yield load_settings(bootstrap_servers=container.get_bootstrap_server(),
                                 home=tmp_path_factory.mktemp("home")), None
         return
-    settings = load_settings(home=tmp_path_factory.mktemp("home"), local_kafka_port=free_port_pair())
+    _stop_orphaned_brokers(tmp_path_factory.getbasetemp().parent)
+    home = tmp_path_factory.mktemp("home")
+    (home / OWNER_FILE).write_text(str(os.getpid()))
+    settings = load_settings(home=home, local_kafka_port=free_port_pair())
     cluster = LocalCluster(settings)
     cluster.up(progress=False)
     try:

@@ -182,6 +182,8 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
             assert len(prompts) == 1 and "token" in prompts[0].lower()
             assert page.evaluate("sessionStorage.getItem('beamstreamStaffToken')") == TOKEN
             page.wait_for_selector(f"tr[data-id='{dead_id}'] td.resolved", timeout=30_000)
+            # The resolution names the staff member whose token asked, not the dashboard's process user.
+            assert "by browser-test" in page.inner_text(f"tr[data-id='{dead_id}'] td.resolved")
             assert page.locator(f"button.reinject[data-id='{dead_id}']").count() == 0
             assert page.get_attribute("#rotation-plot", "data-points") == "2"
             _screenshot(page, tmp_path, "dashboard-reinjected")

@@ -169,7 +169,7 @@ function drawDeadLetters(rows) {
       button.addEventListener("click", () => reinject(d.id, button));
       action.append(button);
     }
-    const state = d.resolution ? `reinjected → ${d.resolution.target}` : `${d.error_type}, ${d.attempts} attempt(s)`;
+    const state = d.resolution ? `reinjected → ${d.resolution.target} by ${d.resolution.by}` : `${d.error_type}, ${d.attempts} attempt(s)`;
     tr.append(el("td", {}, d.id), el("td", {}, fmtTime(d.failed_at)), el("td", {}, d.service),
               el("td", {}, d.dcid ?? ""), el("td", {}, d.image_number ?? ""), el("td", { class: "reason" }, d.reason),
               el("td", { class: d.resolution ? "resolved" : "open" }, state), action);
