@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 DEFAULT_DETECTOR = "eiger2_1m"
 FORMATS = ("cbf", "nexus")
 _DONE = object()
+#: The beamline name simulated collections are announced with.
+SIMULATED_BEAMLINE = "simulated"
+
 # Epoch of the time-based default dcids: keeps them below 2**32 (ISPyB's unsigned int) until ~2038.
 _DCID_EPOCH = 1_735_689_600  # 2025-01-01T00:00:00Z
 
@@ -404,7 +407,7 @@ def _simulate(plan: _Plan, options: _Options) -> SimulationReport:
         oscillation = plan.oscillation or (0.0, 0.0)
         publish(publisher, [collection_started(
             options.dcid, file_template=stager.file_template, number_of_images=n_images,
-            experiment_type=plan.experiment_type, beamline="simulated", grid=plan.grid,
+            experiment_type=plan.experiment_type, beamline=SIMULATED_BEAMLINE, grid=plan.grid,
             detector=_detector_fields(spec), exposure_time_s=spec.exposure_time_s,
             oscillation_start_deg=oscillation[0], oscillation_width_deg=oscillation[1],
         )])

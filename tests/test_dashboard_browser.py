@@ -2,7 +2,8 @@
 
 A grid scan fills the page's heat map and its X-ray centre marker appears; a dead
 letter (an image whose file was not there yet) is reinjected from the page with
-the staff token once the file is written, and the collection completes.
+the staff token once the file is written, and the collection completes; staff then
+reprocess the grid scan from its page with parameters, and the new run fills in.
 Screenshots go to the test's tmp dir and are copied to ``tests/artifacts/``.
 """
 
@@ -17,9 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from beamstream.commands.demo import register_collection
 from beamstream.harness import WorkerProcess, free_port_pair, worker_env
 from beamstream.settings import load_settings
+from connectors.ispyb_schema import create_schema, make_engine
 from producers.events import EventPublisher, collection_started, image_arrived
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -196,6 +200,35 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
             assert _sample(worker_metrics, "beamstream_worker_summaries_total") == 2
             seen = _get(server.url + "metrics")
             assert _sample(seen, 'beamstream_topic_events_total{record_type="ImageResult",topic="results"}') == 14
+
+            # -- staff reprocess the grid scan from its page; the new run fills in as a collection of its own --
+            engine = make_engine(settings.database_url)
+            create_schema(engine)
+            register_collection(engine, report)  # as the acquisition system would, and the demo does
+            page.click(f"tr.collection[data-id='{report.dcid}']")
+            page.wait_for_selector("#detail-title:has-text('grid')", timeout=30_000)
+            page.fill("#reprocess-params", "d_min=2.0 backend=numpy")
+            page.click("#reprocess")
+            page.wait_for_selector("#message.ok:has-text('reprocessing')", timeout=60_000)
+            job_id = int(page.inner_text("#message").split(" as job ")[1].split(":")[0])
+            assert "(by browser-test)" in page.inner_text("#message")
+            rerun = f"{report.dcid}/{job_id}"
+            page.wait_for_selector(f"tr.collection[data-id='{rerun}'][data-state='complete']", timeout=120_000)
+            page.wait_for_selector("#detail-summary[data-status='complete']", timeout=30_000)
+            assert page.locator("#heatmap-svg rect.cell.empty").count() == 0
+            assert page.locator("#xray-centre").count() == 1
+            with engine.connect() as conn:
+                [(recipe, comments, params)] = conn.execute(text(
+                    "SELECT recipe, comments, group_concat(parameterKey || '=' || parameterValue) FROM ProcessingJob "
+                    "JOIN ProcessingJobParameter USING (processingJobId) WHERE processingJobId = :j "
+                    "GROUP BY processingJobId"), {"j": job_id}).all()
+            assert recipe == "per-image-analysis" and "requested by browser-test" in comments
+            assert sorted(params.split(",")) == ["backend=numpy", "d_min=2.0"]
+            # A key=value mistake is named in the page, and nothing is sent.
+            page.fill("#reprocess-params", "d_min")
+            page.click("#reprocess")
+            page.wait_for_selector("#message.error:has-text('is not key=value')", timeout=10_000)
+            _screenshot(page, tmp_path, "dashboard-reprocessed")
             browser.close()
     finally:
         assert server.stop() == 0, server.log_path.read_text()[-3000:]

@@ -6,6 +6,9 @@ import sys
 import pytest
 
 from beamstream.harness import worker_env
+from beamstream.settings import load_settings
+from connectors.ispyb_collections import read_collection
+from connectors.ispyb_schema import make_engine
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -23,4 +26,10 @@ def test_demo_prints_heat_map_and_xray_centre(kafka_settings):
     true = out.split("true crystal centre: row ")[1].split(",")[0]
     assert abs(float(found) - float(true)) <= 1.0
     assert "ISPyB: 12 rows for dcid" in out
+    # The collection is in ISPyB as the acquisition system would have written it, so `go` can reprocess it.
+    dcid = int(out.split("simulated grid scan dcid ")[1].split(":")[0])
+    engine = make_engine(load_settings(environ=worker_env(kafka_settings)).database_url)
+    record = read_collection(engine, dcid)
+    engine.dispose()
+    assert (record.number_of_images, record.experiment_type, record.grid["columns"]) == (12, "grid", 4)
     assert "archive manifest: " in out and " files, " in out and "MB, complete)" in out

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                                        seed=args.seed, on_progress=lambda n: bar.update(n - bar.n))
         print(f"simulated grid scan dcid {report.dcid}: {report.emitted} images of a {report.detector} "
               f"in {Path(report.file_template).parent}")
+        register_collection(database, report)
         summary = _wait_for_summary(reader, report.dcid, n_images)
         stored = _wait_for_rows(database, report.dcid, n_images)
         archived = _wait_for_archive(reader, report.dcid)
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         if dashboard is not None and sys.exc_info()[0] is not None:
             dashboard.stop()
     _print_summary(summary, report)
-    print(f"\nISPyB: {stored} rows for dcid {report.dcid} in ImageQualityIndicators at {settings.database_url}")
+    print(f"\nISPyB: {stored} rows for dcid {report.dcid} in ImageQualityIndicators at {settings.database_url}; "
+          f"reprocess it with `beamstream go {report.dcid}` or from the dashboard")
     if archived is not None:
         print(f"archive manifest: {archived['manifest_path']} ({archived['files']} files, "
               f"{archived['total_bytes'] / 1e6:.1f} MB, {'complete' if archived['complete'] else 'incomplete'})")
@@ -136,6 +138,16 @@ def _prepare_database(settings: Settings):
     engine = make_engine(settings.database_url)
     create_schema(engine)
     return engine
+
+
+def register_collection(engine, report) -> None:
+    """Write the simulated collection into ISPyB as the acquisition system would, so that it can be
+    reprocessed (``beamstream go``, the dashboard's Reprocess) like a real one."""
+    from connectors.ispyb_collections import create_collection
+    from producers.simulator import SIMULATED_BEAMLINE
+
+    create_collection(engine, dcid=report.dcid, file_template=report.file_template, number_of_images=report.images,
+                      experiment_type=report.experiment_type, grid=report.grid, beamline=SIMULATED_BEAMLINE)
 
 
 def _wait_for_rows(engine, dcid: int, expected: int, timeout: float = 60.0) -> int:

@@ -8,6 +8,7 @@ const TOKEN_KEY = "beamstreamStaffToken";
 const SVG = "http://www.w3.org/2000/svg";
 let selected = null;      // the collection run id the user clicked; null follows the newest
 let lastDetail = "";      // the detail JSON last drawn, to redraw only on change
+let shownDcid = null;     // the dcid of the collection in the detail panel (what Reprocess acts on)
 
 function el(tag, attrs = {}, text = null) {
   const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
@@ -128,6 +129,7 @@ function drawDetail(detail) {
   const key = JSON.stringify(detail);
   if (key === lastDetail) return;
   lastDetail = key;
+  shownDcid = detail.dcid;
   document.getElementById("detail").hidden = false;
   document.getElementById("detail-title").textContent =
     `Collection ${detail.id}: ${detail.experiment_type}, ${detail.state}`;
@@ -215,14 +217,16 @@ function staffToken() {
   return token ? token.trim() : null;
 }
 
-async function act(path, what) {
+async function act(path, what, body = null) {
   const token = staffToken();
   if (!token) { say(`${what}: cancelled (no token)`, "error"); return null; }
-  const response = await fetch(path, { method: "POST", headers: { Authorization: `Bearer ${token}` } });
-  const body = await response.json().catch(() => ({ error: response.statusText }));
+  const headers = { Authorization: `Bearer ${token}` };
+  if (body !== null) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { method: "POST", headers, body: body === null ? null : JSON.stringify(body) });
+  const answer = await response.json().catch(() => ({ error: response.statusText }));
   if (response.status === 401 || response.status === 403) sessionStorage.removeItem(TOKEN_KEY); // ask again next time
-  if (!response.ok) { say(`${what} failed: ${body.error}`, "error"); return null; }
-  return body;
+  if (!response.ok) { say(`${what} failed: ${answer.error}`, "error"); return null; }
+  return answer;
 }
 
 async function reinject(id, button) {
@@ -231,6 +235,45 @@ async function reinject(id, button) {
   if (result) say(`reinjected ${id} → ${result.target} (by ${result.by})`, "ok");
   else button.disabled = false;
 }
+
+// "d_min=2.0 backend=numpy" -> {d_min: "2.0", backend: "numpy"}; the server checks keys and values.
+function parseParameters(text) {
+  const parameters = {};
+  for (const item of text.split(/\s+/).filter(Boolean)) {
+    const at = item.indexOf("=");
+    if (at < 1) throw new Error(`"${item}" is not key=value`);
+    parameters[item.slice(0, at)] = item.slice(at + 1);
+  }
+  return parameters;
+}
+
+async function reprocess(event) {
+  event.preventDefault();
+  if (shownDcid === null) return;
+  const dcid = shownDcid;
+  let parameters;
+  try {
+    parameters = parseParameters(document.getElementById("reprocess-params").value);
+  } catch (error) {
+    say(`reprocess ${dcid}: ${error.message}`, "error");
+    return;
+  }
+  const button = document.getElementById("reprocess");
+  button.disabled = true;
+  try {
+    const result = await act(`/api/collections/${dcid}/reprocess`, `reprocess ${dcid}`, { parameters });
+    if (result) {
+      say(`reprocessing ${dcid} as job ${result.processing_job_id}: ${result.images} images (by ${result.by})`, "ok");
+      selected = result.run;  // follow the new run as its results come in
+      lastDetail = "";
+      refresh();
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+document.getElementById("reprocess-form").addEventListener("submit", reprocess);
 
 // -- polling ------------------------------------------------------------------------------
 async function refresh() {
