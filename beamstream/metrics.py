@@ -7,9 +7,10 @@ dashboard process serves ``/metrics`` with the pipeline as seen on the topics
 scraping both never counts an image twice.
 
 The sinks (``beamstream_ispyb_sink_*``, ``beamstream_archiver_*``,
-``beamstream_feedback_*``) each keep their metrics in a registry of their own
-(:data:`ISPYB_SINK_REGISTRY`, ...), so a sink's ``/metrics`` lists its own work
-and its process, not other services' counters stuck at zero.
+``beamstream_feedback_*``) and the process monitor (``beamstream_monitor_*``) each
+keep their metrics in a registry of their own (:data:`ISPYB_SINK_REGISTRY`, ...),
+so a service's ``/metrics`` lists its own work and its process, not other
+services' counters stuck at zero.
 
 Every call here is cheap (a lock-free-ish counter update), so the hot path can call
 it unconditionally, whether or not anybody serves the metrics.
@@ -32,7 +33,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-#: Environment variable naming a service's metrics port (worker, ispyb-sink, archiver, feedback).
+#: Environment variable naming a service's metrics port (worker, ispyb-sink, archiver, feedback, monitor).
 METRICS_PORT_ENV = "BEAMSTREAM_METRICS_PORT"
 
 # Latency buckets around the one-second promise: fine below a second, coarse above.
@@ -122,6 +123,39 @@ FEEDBACK_SKIPPED = Counter("beamstream_feedback_results_skipped", "Results skipp
 FEEDBACK_LATENCY = Histogram("beamstream_feedback_latency_seconds",
                              "From the image's arrival event to its PIA datagram sent",
                              buckets=_LATENCY_BUCKETS, registry=FEEDBACK_REGISTRY)
+
+# -- process monitor ---------------------------------------------------------------------
+MONITOR_REGISTRY = _service_registry()
+MONITOR_WORKERS = Gauge("beamstream_monitor_workers", "Analysis workers now (local: started; observe-only: members)",
+                        registry=MONITOR_REGISTRY)
+MONITOR_TARGET = Gauge("beamstream_monitor_target_workers", "Analysis workers the scaling policy wants",
+                       registry=MONITOR_REGISTRY)
+MONITOR_LAG = Gauge("beamstream_monitor_lag", "Image events not yet committed by the analysis group",
+                    registry=MONITOR_REGISTRY)
+MONITOR_ARRIVAL = Gauge("beamstream_monitor_arrival_rate_hz", "Image events arriving per second",
+                        registry=MONITOR_REGISTRY)
+MONITOR_COMPLETION = Gauge("beamstream_monitor_completion_rate_hz", "Image events committed per second",
+                           registry=MONITOR_REGISTRY)
+MONITOR_DEAD_LETTERS = Counter("beamstream_monitor_dead_letters_seen", "Dead letters seen appearing",
+                               registry=MONITOR_REGISTRY)
+MONITOR_EVENTS = Counter("beamstream_monitor_events", "Monitor events published, by kind and code",
+                         ["kind", "code"], registry=MONITOR_REGISTRY)
+
+
+def monitor_observed(workers: int, target: int, lag: int, arrival_hz: float, completion_hz: float,
+                     new_dead_letters: int) -> None:
+    """One observation of the process monitor: the pool, the lag, the rates, new dead letters."""
+    MONITOR_WORKERS.set(workers)
+    MONITOR_TARGET.set(target)
+    MONITOR_LAG.set(lag)
+    MONITOR_ARRIVAL.set(arrival_hz)
+    MONITOR_COMPLETION.set(completion_hz)
+    MONITOR_DEAD_LETTERS.inc(new_dead_letters)
+
+
+def monitor_event(kind: str, code: str) -> None:
+    """One MonitorEvent published (``decision``/``scale_up``, ``warning``/``lag_growing``, ...)."""
+    MONITOR_EVENTS.labels(kind=kind, code=code).inc()
 
 
 def image_analysed(latency_s: float, analysis_s: float) -> None:

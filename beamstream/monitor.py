@@ -14,15 +14,15 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from beamstream import metrics
 from beamstream.harness import WorkerProcess
-from beamstream.kafka_clients import make_admin, make_consumer, make_producer
-from beamstream.lag import GroupProgress, group_progress
+from beamstream.kafka_clients import make_producer
+from beamstream.lag import GroupLag, GroupProgress
 from beamstream.retained import offset_bounds, open_reader, partitions_of, read_range
 from beamstream.scaling import Alert, Decision, ScalingMemory, ScalingPolicy, decide
 from beamstream.settings import Settings
@@ -70,8 +70,7 @@ class Monitor:
     # -- the loop ------------------------------------------------------------------
     def run(self, stop: threading.Event) -> int:
         """Observe and act until ``stop`` is set; then stop the local workers cleanly."""
-        admin = make_admin(self.settings)
-        reader = make_consumer(self.settings, f"{self.settings.topic_prefix}monitor-{uuid.uuid4().hex[:8]}")
+        lag = GroupLag(self.settings)
         self._dead_reader = open_reader(self.settings)
         self._dead_positions: dict[int, int] | None = None  # taken at the first observation that works
         self.producer = make_producer(self.settings)
@@ -82,7 +81,7 @@ class Monitor:
             while not stop.is_set():
                 started = time.monotonic()
                 try:
-                    self.step(admin, reader)
+                    self.step(lag)
                 except Exception as exc:  # a failed measurement is reported, never fatal
                     log.warning("observation failed: %r", exc)
                 stop.wait(max(self.interval_s - (time.monotonic() - started), 0.1))
@@ -92,20 +91,21 @@ class Monitor:
             self._publish("status", "stopped", "monitor stopped", 0, 0, None, 0)
             self.producer.flush(10)
             self._dead_reader.close()
-            reader.close()
+            lag.close()
         return 0
 
-    def step(self, admin, reader) -> Decision:
+    def step(self, lag: GroupLag) -> Decision:
         """One observation: measure, decide, act, publish."""
         exited = self._reap() if not self.observe_only else []
         now = time.monotonic()
-        observation = Observation(now, group_progress(admin, reader, self.group, self.images))
+        observation = Observation(now, lag.progress(self.group, self.images))
         produce_hz, consume_hz = self._rates(observation)
         new_dead = self._count_new(self.deadletter)
         self._previous = observation
         workers = observation.progress.members if self.observe_only else len(self.workers)
         decision = decide(self.policy, self.memory, workers, observation.progress.lag, new_dead, now)
         figures = (observation.progress.lag, produce_hz, consume_hz)
+        metrics.monitor_observed(workers, decision.target, observation.progress.lag, produce_hz, consume_hz, new_dead)
         for worker, code in exited:
             self._publish("warning", "worker_exited", f"worker {worker.name} exited with code {code}; restarted",
                           workers, decision.target, figures, new_dead)
@@ -157,7 +157,9 @@ class Monitor:
     def _start_workers(self, count: int, why: str) -> None:
         for _ in range(count):
             self._names += 1
-            worker = WorkerProcess(self.settings, self.log_dir, f"worker{self._names}", *self.worker_args).start()
+            # The monitor's own BEAMSTREAM_METRICS_PORT is not theirs: every worker would try to bind it.
+            worker = WorkerProcess(self.settings, self.log_dir, f"worker{self._names}", *self.worker_args,
+                                   env={metrics.METRICS_PORT_ENV: ""}).start()
             self.workers.append(worker)
             log.info("worker started", extra={"worker": worker.name, "pid": worker.process.pid, "why": why})
 
@@ -205,6 +207,7 @@ class Monitor:
                               self.monitor_id.encode())
         self.producer.poll(0)
         self.events_published += 1
+        metrics.monitor_event(kind, code)
         self.emit(event)
 
 

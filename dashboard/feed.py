@@ -16,8 +16,8 @@ import uuid
 from confluent_kafka import KafkaException
 
 from beamstream import metrics
-from beamstream.kafka_clients import make_admin, make_consumer
-from beamstream.lag import group_progress
+from beamstream.kafka_clients import make_consumer
+from beamstream.lag import GroupLag
 from beamstream.settings import Settings
 from beamstream.topics import group_name, topic_name
 from dashboard.view import DashboardView
@@ -79,15 +79,13 @@ class Feed:
         # Its own clients: offset queries on the feed's consumer wait behind its fetches (up to
         # fetch.wait.max.ms each), which made one round take longer than the interval and starved
         # the feed. This consumer never subscribes, so it never fetches.
-        consumer = make_consumer(self.settings, f"{self.settings.topic_prefix}dashboard-lag-{uuid.uuid4().hex[:12]}")
-        admin = make_admin(self.settings)
+        lag = GroupLag(self.settings)
         try:
-            # The first round waits a full interval: nothing lags at start-up, and a librdkafka admin
-            # request racing a process launch elsewhere in this process has crashed it (seen with Playwright).
+            # The first round waits a full interval: nothing lags at start-up.
             while not self._stop.wait(LAG_INTERVAL_S):
-                self._measure_lag(admin, consumer)
+                self._measure_lag(lag)
         finally:
-            consumer.close()
+            lag.close()
 
     def _fold(self, message) -> None:
         logical = self.topics[message.topic()]
@@ -108,14 +106,14 @@ class Feed:
             metrics.TOPIC_RESULT_LATENCY.observe(max((value["result_time"] - value["event_time"]).total_seconds(), 0))
         self.view.apply(logical, decoded.name, decoded.value, message.partition(), message.offset(), message.key())
 
-    def _measure_lag(self, admin, consumer) -> None:
+    def _measure_lag(self, lag: GroupLag) -> None:
         """Each watched group's lag on its topic (events not yet committed, summed over partitions)."""
         for logical_group, logical_topic in LAG_WATCH:
             if self._stop.is_set():
                 return
             group, topic = group_name(self.settings, logical_group), topic_name(self.settings, logical_topic)
             try:
-                progress = group_progress(admin, consumer, group, topic)
+                progress = lag.progress(group, topic)
             except (KafkaException, TimeoutError, KeyError) as exc:
                 log.debug("lag not measured: %s", exc)
                 continue

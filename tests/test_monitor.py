@@ -7,12 +7,14 @@ from collections import Counter
 
 import pytest
 
-from beamstream.harness import TopicReader, WorkerProcess
+from beamstream.harness import TopicReader, WorkerProcess, free_port_pair
 from beamstream.kafka_clients import make_producer
+from beamstream.metrics import METRICS_PORT_ENV
 from beamstream.scaling import ScalingMemory, ScalingPolicy, decide, workers_for
 from beamstream.topics import topic_name
 from producers.events import EventPublisher, collection_ended, collection_started, image_arrived
 from schemas.keys import image_key
+from tests.metrics_helpers import scrape, value
 
 POLICY = ScalingPolicy(min_workers=1, max_workers=4, lag_per_worker=100, scale_down_after_s=30.0,
                        growth_intervals=3)
@@ -85,12 +87,14 @@ GRID = {"rows": ROWS, "columns": COLUMNS, "step_x_um": 10.0, "step_y_um": 10.0,
 def test_a_burst_scales_workers_up_then_down_and_every_image_has_one_result(kafka_settings, tmp_path):
     settings = kafka_settings
     reader = TopicReader(settings, ["monitor", "results", "summaries"])
+    metrics_port = free_port_pair()
     # 50 ms per image (sleeping): one worker does 20 images/s, so the burst waits for more.
+    # The port comes by environment, as deployed: the workers it starts must not inherit it.
     monitor = WorkerProcess(
         settings, tmp_path, "monitor", "--min-workers", "1", "--max-workers", "3", "--lag-per-worker", "40",
         "--interval", "1", "--scale-down-after", "4", "--json", "--worker-args",
         "--analysis noop --simulated-analysis-time 0.05 --summary-timeout 30 --log-level warning",
-        command="monitor").start()
+        command="monitor", env={METRICS_PORT_ENV: str(metrics_port)}).start()
     try:
         reader.wait_for(lambda: reader.values("monitor"), 60, "the monitor's first observation")
         time.sleep(8)  # the first worker joins its consumer groups
@@ -116,6 +120,7 @@ def test_a_burst_scales_workers_up_then_down_and_every_image_has_one_result(kafk
                         60, "the scale-down back to 1 worker")
         reader.wait_for(lambda: reader.values("summaries", "CollectionSummary", DCID), 60, "the summary")
         time.sleep(2)  # anything duplicated would be committed by now
+        samples = scrape(metrics_port)
     finally:
         code = monitor.terminate(timeout=120)
         reader.close()
@@ -139,5 +144,11 @@ def test_a_burst_scales_workers_up_then_down_and_every_image_has_one_result(kafk
     # Counted as records: the one poison event, however many transactions and markers it took.
     assert sum(e["new_dead_letters"] for e in events if e["kind"] != "warning") == 1
     assert events[-1]["message"] == "monitor stopped"
+    # Its Prometheus endpoint counts the same decisions and warnings, and shows the pool as it is now.
+    assert value(samples, "beamstream_monitor_events_total", kind="decision", code="scale_up") == len(ups)
+    assert value(samples, "beamstream_monitor_events_total", kind="decision", code="scale_down") == 2
+    assert value(samples, "beamstream_monitor_dead_letters_seen_total") == 1
+    assert value(samples, "beamstream_monitor_workers") == 1
+    assert value(samples, "beamstream_monitor_lag") < 40
     # The monitor's own lines on stdout are the same events, as JSON.
     assert '"code": "scale_up"' in monitor.log_text()

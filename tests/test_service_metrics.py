@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.request
 from datetime import UTC, datetime
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from beamstream.harness import WorkerProcess, free_port_pair
 from connectors.ispyb_collections import create_collection
@@ -16,24 +14,9 @@ from connectors.ispyb_schema import create_schema, make_engine
 from producers.events import EventPublisher, collection_ended, collection_started
 from schemas.keys import dcid_key
 from tests.ispyb_helpers import publish, publish_raw, result, scalar, summary
+from tests.metrics_helpers import Samples, scrape, value
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-Samples = dict[tuple[str, frozenset], float]
-
-
-def scrape(port: int) -> Samples:
-    """Every sample of the service's /metrics, parsed by prometheus_client's own parser:
-    {(sample name, frozenset of label items): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
 
 def wait_for_metrics(service: WorkerProcess, port: int, condition, what: str, timeout: float = 90.0) -> Samples:
     """Scrape until ``condition(samples)`` holds; fail with the service's log if it dies or time runs out."""

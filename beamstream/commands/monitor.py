@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from beamstream import metrics
 from beamstream.errors import BeamstreamError
 from beamstream.logs import configure_json_logging
 from beamstream.settings import load_settings
@@ -51,6 +52,7 @@ def register(subparsers) -> None:
     parser.add_argument("--observe-only", action="store_true",
                         help="manage no processes: report the group's members and the workers it would want")
     parser.add_argument("--json", action="store_true", help="print each event as a JSON line")
+    metrics.add_port_option(parser)
     parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="warning",
                         help="level of the JSON log on stderr (default warning; events go to stdout)")
     parser.set_defaults(func=run)
@@ -75,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         raise BeamstreamError(str(exc)) from None
     settings = load_settings()
     configure_json_logging("monitor", getattr(logging, args.log_level.upper()), settings=settings)
+    port = metrics.metrics_port(args.metrics_port)
+    if port is not None:
+        metrics.serve(port, registry=metrics.MONITOR_REGISTRY)  # a daemon thread; it goes with the process
 
     def emit(event: dict) -> None:
         print(event_line(event, args.json), flush=True)
