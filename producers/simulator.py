@@ -184,7 +184,7 @@ def simulate_gridscan(
     ``fmt`` is ``cbf`` or ``nexus`` (default: what the detector writes);
     ``out_dir`` defaults to ``settings.home / "simulated"``; ``dcid`` to a
     time-based number. ``stop`` ends it early (status ``aborted``);
-    ``on_progress(n)`` is called as images are announced. The report's
+    ``on_progress(n)`` is called with each batch of n images announced. The report's
     ``true_centre`` is the crystal centre (row, column) in 0-based grid units.
     """
     if rows < 1 or cols < 1:

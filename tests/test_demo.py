@@ -1,5 +1,6 @@
 """The README's first command, small: a simulated grid scan through real workers."""
 
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,9 @@ def test_demo_prints_heat_map_and_xray_centre(kafka_settings):
         env=worker_env(kafka_settings), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
+    # The progress bars (stderr) end full: every image announced, every image analysed.
+    for bar in ("images announced", "images analysed"):
+        assert re.findall(rf"{bar} *: *\d+%\|[^|]*\| (\d+)/12", result.stderr)[-1] == "12", bar
     assert "spots per grid position" in out and "12/12 images, complete" in out
     assert "X-ray centre: row" in out and "true crystal centre: row" in out
     found = out.split("X-ray centre: row ")[1].split(",")[0]

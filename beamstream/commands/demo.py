@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         n_images = args.rows * args.cols
         with tqdm(total=n_images, desc="images announced", unit="img", file=sys.stderr) as bar:
             report = simulate_gridscan(settings, args.rows, args.cols, args.rate, detector=args.detector,
-                                       seed=args.seed, on_progress=lambda n: bar.update(n - bar.n))
+                                       seed=args.seed, on_progress=bar.update)
         print(f"simulated grid scan dcid {report.dcid}: {report.emitted} images of a {report.detector} "
               f"in {Path(report.file_template).parent}")
         register_collection(database, report)
