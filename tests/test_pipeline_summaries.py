@@ -64,8 +64,12 @@ def test_orthogonal_grids_rotation_and_progress(kafka_settings, tmp_path):
         publish_results(settings, 902, xz_spots)
         publish_results(settings, 903, [5, 6, 7, 8, 9, 10])
         publisher.publish([collection_ended(d, n) for d, n in ((901, 12), (902, 12), (903, 6))])
+        # The announce topic is read independently of the summaries: wait for its last word too.
         reader.wait_for(lambda: len(reader.values("summaries", "CollectionSummary")) >= 3
-                        and reader.values("summaries", "SampleCentre"), 180, "three summaries and a 3D centre")
+                        and reader.values("summaries", "SampleCentre")
+                        and any(a["images_analysed"] == 6
+                                for a in reader.values("announce", "CollectionProgress", 903)),
+                        180, "three summaries, a 3D centre and the rotation's last progress announcement")
     finally:
         assert worker.terminate() == 0
         reader.close()
