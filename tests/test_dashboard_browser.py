@@ -25,6 +25,7 @@ from beamstream.harness import WorkerProcess, free_port_pair, worker_env
 from beamstream.settings import load_settings
 from connectors.ispyb_schema import create_schema, make_engine
 from producers.events import EventPublisher, collection_started, image_arrived
+from tests.metrics_helpers import scrape, value
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -76,19 +77,6 @@ class DashboardProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return None
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read().decode()
-
-
-def _sample(exposition: str, name: str) -> float | None:
-    """The value of sample ``name`` (with its labels, as Prometheus prints them) in a text exposition."""
-    for line in exposition.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def _thaumatin(data_dir: Path, number: int, target: Path) -> Path:
@@ -193,13 +181,13 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
             _screenshot(page, tmp_path, "dashboard-reinjected")
 
             # -- Prometheus: the worker's own counters, the dashboard's view of the topics ------------
-            worker_metrics = _get(f"http://127.0.0.1:{metrics_port}/metrics")
-            assert _sample(worker_metrics, "beamstream_worker_images_analysed_total") == 14
-            assert _sample(worker_metrics, "beamstream_worker_result_latency_seconds_count") == 14
-            assert _sample(worker_metrics, 'beamstream_worker_dead_letters_total{error_type="ImageReadError"}') == 1
-            assert _sample(worker_metrics, "beamstream_worker_summaries_total") == 2
-            seen = _get(server.url + "metrics")
-            assert _sample(seen, 'beamstream_topic_events_total{record_type="ImageResult",topic="results"}') == 14
+            worker_metrics = scrape(metrics_port)
+            assert value(worker_metrics, "beamstream_worker_images_analysed_total") == 14
+            assert value(worker_metrics, "beamstream_worker_result_latency_seconds_count") == 14
+            assert value(worker_metrics, "beamstream_worker_dead_letters_total", error_type="ImageReadError") == 1
+            assert value(worker_metrics, "beamstream_worker_summaries_total") == 2
+            seen = scrape(server.port)
+            assert value(seen, "beamstream_topic_events_total", record_type="ImageResult", topic="results") == 14
 
             # -- staff reprocess the grid scan from its page; the new run fills in as a collection of its own --
             engine = make_engine(settings.database_url)
