@@ -249,11 +249,11 @@ class Pipeline:
         now = datetime.now(UTC)
         outputs: list[Output] = []
         dcid_bytes = dcid_key(state.dcid)
-        if decoded.name == "ImageResult" and changed and state.started and cs.progress_due(state):
-            state.announced = state.n_seen
-            outputs.append(self._encoded("announce", "CollectionProgress", dcid_bytes, cs.build_progress(state, now)))
         status = cs.completion(state, time.time(), self.options.summary_timeout_s,
                                self._owned_since.get(partition, 0.0))
+        if cs.progress_due(state, finishing=status is not None):
+            state.announced = state.n_seen
+            outputs.append(self._encoded("announce", "CollectionProgress", dcid_bytes, cs.build_progress(state, now)))
         if status is not None:
             state.summarized = True
             summary = cs.build_summary(state, status, now)

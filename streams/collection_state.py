@@ -163,8 +163,19 @@ def median_d_min(state: CollectionState) -> float | None:
     return None
 
 
-def progress_due(state: CollectionState, every_fraction: float = 0.05) -> bool:
-    """True when enough new images have come in since the last progress announcement."""
+def progress_due(state: CollectionState, finishing: bool = False, every_fraction: float = 0.05) -> bool:
+    """True when a progress announcement should go out now.
+
+    One goes out for every ``every_fraction`` of the expected images, and always for
+    the images not yet announced when the collection is ``finishing`` (its summary
+    goes out with this event): otherwise the last word on the announce topic could
+    stay short of the summary's count, e.g. 24 of 25 images with a step of 2, or
+    nothing at all for results folded in before the collection's start event.
+    """
+    if not state.started or state.n_seen <= state.announced:
+        return False
+    if finishing:
+        return True
     step = max(1, math.ceil(state.expected * every_fraction)) if state.expected else 10
     return state.n_seen - state.announced >= step
 

@@ -94,6 +94,23 @@ def test_completion_and_summary():
     assert summary["median_d_min"] == pytest.approx(2.01, abs=0.011)
 
 
+def test_progress_every_step_and_always_at_the_end():
+    state = cs.CollectionState(dcid=9)
+    for image in range(1, 4):  # results folded in before the start event
+        cs.apply_result(state, _result(image, 1))
+    assert not cs.progress_due(state, finishing=True)  # nothing to announce against yet
+    cs.apply_start(state, {"experiment_type": "rotation", "number_of_images": 25})
+    announced = []
+    for image in range(1, 26):
+        cs.apply_result(state, _result(image, 1))
+        if cs.progress_due(state, finishing=image == 25):
+            state.announced = state.n_seen
+            announced.append(state.n_seen)
+    # the step is 2 (5 % of 25); the early three count once; the 25th goes out with the summary
+    assert announced == [3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25]
+    assert not cs.progress_due(state, finishing=True)  # announced already: not again
+
+
 def test_sample_centre_once_per_orthogonal_pair():
     state = sample_centring.empty_state()
     xy = {"dcid": 1, "sample_id": 5, "grid_plane": "xy", "xray_centre": {"centre_x_mm": 1.0, "centre_y_mm": 2.0}}

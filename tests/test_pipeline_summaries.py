@@ -6,13 +6,15 @@ elsewhere), so the expected heat maps and centres are known exactly.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pytest
 
 from beamstream.harness import TopicReader, WorkerProcess
 from beamstream.kafka_clients import make_producer
-from beamstream.topics import topic_name
+from beamstream.lag import GroupLag
+from beamstream.topics import group_name, topic_name
 from producers.events import EventPublisher, collection_ended, collection_started
 from schemas.keys import dcid_key
 from schemas.samples import sample_event
@@ -40,6 +42,18 @@ def publish_results(settings, dcid: int, spots: list[int]) -> None:
     producer.flush(10)
 
 
+def wait_until_collected(settings, logical_topic: str, timeout_s: float = 120) -> None:
+    """Until the workers' collect stage has committed everything on the topic."""
+    lag = GroupLag(settings)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while (waiting := lag.progress(group_name(settings, "collect"), topic_name(settings, logical_topic)).lag) > 0:
+            assert time.monotonic() < deadline, f"the collect stage left {waiting} events on {logical_topic}"
+            time.sleep(0.2)
+    finally:
+        lag.close()
+
+
 def test_orthogonal_grids_rotation_and_progress(kafka_settings, tmp_path):
     settings = kafka_settings
     reader = TopicReader(settings, ["announce", "summaries", "requests"])
@@ -58,11 +72,14 @@ def test_orthogonal_grids_rotation_and_progress(kafka_settings, tmp_path):
         for dcid, plane in ((901, "xy"), (902, "xz")):
             publisher.publish([collection_started(dcid, file_template="/d/g_####.cbf", number_of_images=ROWS * COLUMNS,
                                                   experiment_type="grid", grid=grid(plane), sample_id=55)])
+        # The rotation's results are taken in before its start event (the collect stage reads two
+        # topics, so it can see them in that order anyway): counted, announced once it starts, summarised.
+        publish_results(settings, 903, [5, 6, 7, 8, 9, 10])
+        wait_until_collected(settings, "results")
         publisher.publish([collection_started(903, file_template="/d/r_####.cbf", number_of_images=6,
                                               experiment_type="rotation")])
         publish_results(settings, 901, xy_spots)
         publish_results(settings, 902, xz_spots)
-        publish_results(settings, 903, [5, 6, 7, 8, 9, 10])
         publisher.publish([collection_ended(d, n) for d, n in ((901, 12), (902, 12), (903, 6))])
         # The announce topic is read independently of the summaries: wait for its last word too.
         reader.wait_for(lambda: len(reader.values("summaries", "CollectionSummary")) >= 3
@@ -93,3 +110,5 @@ def test_orthogonal_grids_rotation_and_progress(kafka_settings, tmp_path):
     assert request["kind"] == "data_reduction" and request["image_ranges"] == [{"start": 1, "end": 6}]
     progress = reader.values("announce", "CollectionProgress", 903)
     assert progress and progress[-1]["images_analysed"] == 6
+    for dcid in (901, 902):  # every image announced, the last word equal to the summary's
+        assert reader.values("announce", "CollectionProgress", dcid)[-1]["images_analysed"] == 12
