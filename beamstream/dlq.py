@@ -10,6 +10,11 @@ A dead letter is named by its place in the dead-letter topic, ``partition:offset
   ``deadletter-resolved`` topic, keyed by ``partition:offset``: the copies and
   the markers become visible together or not at all, and a dead letter with a
   marker is never reinjected again, whoever runs the tool on whichever machine.
+* One message can have several dead letters: every consumer group that gave up on
+  it wrote one (a poison event on ``collections`` is refused by the workers and
+  the archiver alike). Its copy reaches every group, so it is produced once and
+  marks all of them resolved; a dead letter whose message was reinjected after it
+  failed counts as resolved by that copy.
   All reinjectors share one transactional id, so the markers are re-read after
   ``init_transactions`` has settled any concurrent run (closing the check-then-write race).
 * Kafka cannot delete single records, so a purge advances each partition's
@@ -25,6 +30,7 @@ import json
 import os
 import re
 import socket
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -176,9 +182,9 @@ def read_dead_letters(settings: Settings) -> DeadLetterScan:
                 entries.append(DeadLetterEntry(record, None, str(exc)))
     finally:
         consumer.close()
-    resolutions = read_resolutions(settings)
+    resolutions = _Resolutions(read_resolutions(settings))
     for entry in entries:
-        entry.resolution = _matching(resolutions.get(entry.id), entry)
+        entry.resolution = resolutions.of(entry)
     entries.sort(key=lambda e: (e.record.partition, e.record.offset))
     return DeadLetterScan(topic, bounds, entries)
 
@@ -218,6 +224,10 @@ def select(scan: DeadLetterScan, ids: Iterable[str] = (), every: bool = False,
         raise DeadLetterError(f"dead letter {', '.join(broken)} does not decode, so it cannot be reinjected "
                               "(see `beamstream dlq show`)")
     todo = [e for e in chosen if e.resolution is None]
+    # The other dead letters of the same messages go with them: one copy resolves them all.
+    sources, ids = {_source(e.value) for e in todo}, {e.id for e in todo}
+    todo += [e for e in scan.entries if e.value is not None and e.resolution is None and e.id not in ids
+             and _source(e.value) in sources]
     # With ``every``, dead letters reinjected before are simply not chosen; named ones are reported.
     return todo, [] if every else [e for e in chosen if e.resolution is not None]
 
@@ -225,17 +235,18 @@ def select(scan: DeadLetterScan, ids: Iterable[str] = (), every: bool = False,
 def reinject(settings: Settings, entries: list[DeadLetterEntry],
              resolved_by: str | None = None) -> tuple[list[Reinjected], list[DeadLetterEntry]]:
     """Produce each dead letter's original message back to its source topic and mark it resolved,
-    all in one transaction. Returns (reinjected, skipped because reinjected meanwhile by someone else).
+    all in one transaction; dead letters of one message (several groups gave up on it) share one
+    copy. Returns (reinjected, skipped because reinjected meanwhile by someone else).
 
     ``resolved_by`` names who asked (the dashboard's staff member); by default the local user@host."""
     serde = make_serde(settings.schema_registry_url)
     marker_topic = topic_name(settings, "deadletter-resolved")
     writer = AtomicWriter(settings, f"{settings.topic_prefix}dlq-reinject")
     # After init_transactions, any concurrent reinjection has committed or aborted: look again.
-    resolutions = read_resolutions(settings)
+    resolutions = _Resolutions(read_resolutions(settings))
     todo, skipped = [], []
     for entry in entries:
-        marker = _matching(resolutions.get(entry.id), entry)
+        marker = resolutions.of(entry)
         if marker is None:
             todo.append(entry)
         else:
@@ -243,13 +254,16 @@ def reinject(settings: Settings, entries: list[DeadLetterEntry],
             skipped.append(entry)
     if not todo:
         return [], skipped
+    messages: dict[tuple[str, int, int], list[DeadLetterEntry]] = defaultdict(list)
+    for entry in todo:
+        messages[_source(entry.value)].append(entry)
     counts = []
     with writer:
-        for entry in todo:
-            v = entry.value
+        for first, *_ in messages.values():
+            v = first.value
             count = header_count(_pairs(v["headers"]), REINJECTED_HEADER) + 1
             headers = with_header(_pairs(v["headers"]), REINJECTED_HEADER, str(count).encode())
-            headers = with_header(headers, REINJECTED_FROM_HEADER, f"{entry.record.topic}:{entry.id}".encode())
+            headers = with_header(headers, REINJECTED_FROM_HEADER, f"{first.record.topic}:{first.id}".encode())
             # Keyed messages go where the live partitioner puts them (co-partitioned by dcid);
             # unkeyed ones back to the partition they came from.
             writer.produce(OutRecord(v["source_topic"], v["key"], v["payload"], headers,
@@ -258,7 +272,8 @@ def reinject(settings: Settings, entries: list[DeadLetterEntry],
         positions = writer.positions()
         now = datetime.now(UTC)
         done = []
-        for entry, count, (partition, offset) in zip(todo, counts, positions, strict=True):
+        copies = zip(messages.values(), counts, positions, strict=True)
+        for entry, count, (partition, offset) in ((e, c, p) for group, c, p in copies for e in group):
             v = entry.value
             marker = {
                 "dead_letter_topic": entry.record.topic, "dead_letter_partition": entry.record.partition,
@@ -354,6 +369,31 @@ def _matching(marker: dict | None, entry: DeadLetterEntry) -> dict | None:
     same = (marker["source_topic"], marker["source_partition"], marker["source_offset"], marker["failed_at"]) == (
         v["source_topic"], v["source_partition"], v["source_offset"], v["failed_at"])
     return marker if same else None
+
+
+def _source(value: dict) -> tuple[str, int, int]:
+    """Which message a dead letter is about: its topic, partition and offset."""
+    return value["source_topic"], value["source_partition"], value["source_offset"]
+
+
+class _Resolutions:
+    """The resolution markers, by dead-letter id and by the message they put back."""
+
+    def __init__(self, markers: dict[str, dict]) -> None:
+        self.markers = markers
+        self.by_source: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
+        for marker in markers.values():
+            self.by_source[_source(marker)].append(marker)
+
+    def of(self, entry: DeadLetterEntry) -> dict | None:
+        """The marker resolving ``entry``: its own, else that of another dead letter of the same message
+        reinjected after this one failed (the copy reached every consumer group, this one's too)."""
+        own = _matching(self.markers.get(entry.id), entry)
+        if own is not None or entry.value is None:
+            return own
+        later = [m for m in self.by_source.get(_source(entry.value), ())
+                 if m["resolved_at"] >= entry.value["failed_at"]]
+        return min(later, key=lambda m: m["resolved_at"], default=None)
 
 
 def _resolution_summary(marker: dict | None) -> dict | None:

@@ -7,14 +7,15 @@ import bz2
 import json
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from beamstream.dlq import DeadLetterError, _normal_id
+from beamstream.dlq import DeadLetterEntry, DeadLetterError, _normal_id, _Resolutions
 from beamstream.harness import TopicReader, WorkerProcess
 from beamstream.kafka_clients import make_producer
-from beamstream.retained import offset_bounds, open_reader, partitions_of, read_topic
+from beamstream.retained import Record, offset_bounds, open_reader, partitions_of, read_topic
 from beamstream.settings import load_settings
 from beamstream.topics import topic_name
 from producers.events import EventPublisher, collection_ended, collection_started, image_arrived
@@ -30,6 +31,25 @@ def test_dead_letter_ids_are_named_in_errors():
     for bad in ("2", "a:1", "1:-3", ""):
         with pytest.raises(DeadLetterError, match="expected PARTITION:OFFSET"):
             _normal_id(bad)
+
+
+def test_a_reinjected_message_resolves_its_other_dead_letters_that_failed_before():
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def entry(offset: int, service: str, failed_at: datetime, source_offset: int = 5) -> DeadLetterEntry:
+        value = {"service": service, "source_topic": "collections", "source_partition": 0,
+                 "source_offset": source_offset, "failed_at": failed_at}
+        return DeadLetterEntry(Record("deadletter", 0, offset, 0, None, b""), value)
+
+    worker, archiver = entry(1, "worker", t0), entry(2, "archiver", t0 + timedelta(seconds=1))
+    replayed = entry(3, "worker", t0 + timedelta(hours=1))  # the same message failing again, on a replay
+    other = entry(4, "worker", t0, source_offset=6)
+    marker = {**worker.value, "resolved_at": t0 + timedelta(minutes=1), "target_offset": 9}
+    resolutions = _Resolutions({"0:1": marker})
+    assert resolutions.of(worker) is marker and resolutions.of(archiver) is marker
+    assert resolutions.of(replayed) is None and resolutions.of(other) is None
+    # A marker left by a recreated dead-letter topic (same id, another message) resolves nothing.
+    assert _Resolutions({"0:4": marker}).of(other) is None
 
 
 def _ends(settings, logical: str) -> dict[int, int]:
@@ -171,3 +191,50 @@ def test_poison_messages_are_dead_lettered_then_reinjected_and_purged(kafka_sett
     finally:
         assert worker.terminate() == 0
         reader.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_message_every_consumer_gave_up_on_goes_back_once(kafka_settings, tmp_path):
+    """The workers and the archiver both dead-letter a poison event on `collections`: reinjecting
+    either puts one copy back (which reaches both again) and resolves both dead letters."""
+    settings = kafka_settings
+    collections = topic_name(settings, "collections")
+    reader = TopicReader(settings, ["deadletter"])
+    services = [WorkerProcess(settings, tmp_path, "worker", "--analysis", "noop", "--log-level", "warning"),
+                WorkerProcess(settings, tmp_path, "archiver", command="archiver")]
+    for service in services:
+        service.start()
+    try:
+        producer = make_producer(settings)
+        producer.produce(collections, b"not avro at all", dcid_key(DCID))
+        producer.flush(10)
+        reader.wait_for(lambda: len(reader.values("deadletter")) >= 2, 120, "a dead letter from each service")
+        rows = _json(run_cli(settings, "dlq", "list", "--json"))
+        assert sorted(r["service"] for r in rows) == [f"archiver/{collections}", f"worker/{collections}"]
+        assert len({(r["source_topic"], r["source_partition"], r["source_offset"]) for r in rows}) == 1
+        first, second = sorted(rows, key=lambda r: r["service"])
+
+        dry = run_cli(settings, "dlq", "reinject", first["id"], "--dry-run")
+        assert dry.returncode == 0 and "2 dead letter(s) would be reinjected" in dry.stdout
+        done = run_cli(settings, "dlq", "reinject", first["id"], "--yes")
+        assert done.returncode == 0, done.stderr
+        copies = [r for r in read_topic(settings, collections) if dict(r.headers).get("beamstream-reinjected")]
+        assert len(copies) == 1 and copies[0].value == b"not avro at all"
+        # Both are resolved by that copy; the other cannot put a second one back.
+        rows = {r["id"]: r for r in _json(run_cli(settings, "dlq", "list", "--json"))}
+        targets = {rows[i]["resolution"]["target"] for i in (first["id"], second["id"])}
+        assert len(targets) == 1 and targets.pop().startswith(f"{collections}[")
+        assert "already reinjected" in one_line_error(run_cli(settings, "dlq", "reinject", second["id"], "--yes"))
+        # The copy is still poison: each service gives up on it once more, counting the reinjection.
+        reader.wait_for(lambda: len(reader.values("deadletter")) >= 4, 120, "the copy's dead letters")
+        again = [r for r in reader.values("deadletter") if r["reinjected_count"] == 1]
+        assert sorted(r["service"] for r in again) == [f"archiver/{collections}", f"worker/{collections}"]
+        # Only the copy's two dead letters are left to reinject.
+        assert "2 dead letter(s) would be reinjected" in run_cli(settings, "dlq", "reinject", "--all",
+                                                                  "--dry-run").stdout
+    finally:
+        for service in services:
+            assert service.terminate() == 0, service.log_text()[-2000:]
+        reader.close()
+    assert [r.value for r in read_topic(settings, collections)] == [b"not avro at all"] * 2  # original, one copy
