@@ -118,23 +118,14 @@ class SpotFindingParams:
         )
 
 
-@dataclass
-class ImageAnalysis:
-    """Per-image result: DIALS's nine statistics, the strong-pixel count and timings.
+@dataclass(frozen=True)
+class ImageAnalysis(PerImageStatistics):
+    """Per-image result: DIALS's nine statistics (inherited), the strong-pixel count and timings.
 
     ``spots`` (a :data:`diffraction.spotfinder.SPOT_DTYPE` array) rides along
     but is not part of :meth:`to_dict`.
     """
 
-    n_spots_total: int = 0
-    n_spots_no_ice: int = 0
-    n_spots_4A: int = 0
-    total_intensity: float = 0.0
-    estimated_d_min: float | None = None
-    d_min_distl_method_1: float | None = None
-    d_min_distl_method_2: float | None = None
-    noisiness_method_1: float | None = None
-    noisiness_method_2: float | None = None
     n_strong_pixels: int = 0
     time_threshold_s: float = 0.0
     time_total_s: float = 0.0
