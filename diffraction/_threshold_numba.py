@@ -163,17 +163,23 @@ def _dispersion_final_row(mask_row, data_row, bm, bx, by, min_count, nsig_b, nsi
 
 
 @njit(cache=True, nogil=True)
-def _dispersion_kernel(data, mask, ky, kx, min_count, nsig_b, nsig_s, threshold, gain, use_gain, out):
-    """DIALS ``dispersion`` over the whole image."""
+def _primed_window_sums(data, mask, ky):
+    """Column sums over the first ``ky`` rows and the per-row window buffers that ``_window_row`` fills:
+    (colm, colx, coly, bm, bx, by)."""
     height, width = data.shape
     colm = np.zeros(width, np.int64)
     colx = np.zeros(width, np.int64)
     coly = np.zeros(width, np.int64)
-    bm = np.empty(width, np.int64)
-    bx = np.empty(width, np.int64)
-    by = np.empty(width, np.int64)
     for row in range(min(ky, height)):
         _update_columns(data, mask, row, -1, colm, colx, coly)
+    return colm, colx, coly, np.empty(width, np.int64), np.empty(width, np.int64), np.empty(width, np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _dispersion_kernel(data, mask, ky, kx, min_count, nsig_b, nsig_s, threshold, gain, use_gain, out):
+    """DIALS ``dispersion`` over the whole image."""
+    height, width = data.shape
+    colm, colx, coly, bm, bx, by = _primed_window_sums(data, mask, ky)
     for j in range(height):
         _window_row(data, mask, j, ky, kx, colm, colx, coly, bm, bx, by)
         _dispersion_final_row(mask[j], data[j], bm, bx, by, min_count, nsig_b, nsig_s, threshold, gain,
@@ -233,12 +239,6 @@ def _finish_core_row(data, mask, jc, zeros_col, threshold, core, row_hits, candi
 def _extended_first_stage(data, mask, ky, kx, min_count, nsig_b, gain, use_gain, radius, threshold, core):
     """Fill ``core`` (eroded not-background mask); return the candidate flat indices."""
     height, width = data.shape
-    colm = np.zeros(width, np.int64)
-    colx = np.zeros(width, np.int64)
-    coly = np.zeros(width, np.int64)
-    bm = np.empty(width, np.int64)
-    bx = np.empty(width, np.int64)
-    by = np.empty(width, np.int64)
     strong_row = np.empty(width, np.bool_)
     zeros_prefix = np.empty(width + 1, np.int32)
     n_ring = 2 * radius + 2
@@ -248,8 +248,7 @@ def _extended_first_stage(data, mask, ky, kx, min_count, nsig_b, gain, use_gain,
     candidates = np.empty(4096, np.int64)
     n_candidates = 0
 
-    for row in range(min(ky, height)):
-        _update_columns(data, mask, row, -1, colm, colx, coly)
+    colm, colx, coly, bm, bx, by = _primed_window_sums(data, mask, ky)
     for j in range(height):
         _window_row(data, mask, j, ky, kx, colm, colx, coly, bm, bx, by)
         _dispersion_row(mask[j], bm, bx, by, min_count, nsig_b, gain, use_gain, strong_row)
