@@ -43,6 +43,7 @@ from streams import collection_state as cs
 from streams import sample_centring as samples
 from streams.changelog_table import ChangelogTable
 from streams.image_analysis import Analysis, noop_analysis, path_within_roots
+from streams.outstanding import OutstandingImages
 from streams.transactional_stage import TransactionalStage
 
 log = logging.getLogger("beamstream.worker")
@@ -94,6 +95,7 @@ class Pipeline:
         self.collections: ChangelogTable[cs.CollectionState] = ChangelogTable(
             settings, topic_name(settings, "workers-collections-changelog"), cs.CollectionState.to_json,
             cs.CollectionState.from_json)
+        self.outstanding = OutstandingImages(settings)  # used on the collect stage's thread
         self.samples: ChangelogTable[dict] = ChangelogTable(
             settings, topic_name(settings, "workers-samples-changelog"), samples.dump, samples.load)
         common = {"exactly_once": self.options.exactly_once, "commit_interval_s": self.options.commit_interval_s}
@@ -125,6 +127,8 @@ class Pipeline:
                                                          "seconds": round(time.monotonic() - started, 3)})
 
     def _drop_tables(self, partitions) -> None:
+        collections = self.topics["collections"]
+        self.outstanding.forget_partitions({tp.partition for tp in partitions if tp.topic == collections})
         for table in (self.collections, self.samples):
             table.drop({tp.partition for tp in partitions if self._table_for(tp.topic) is table})
 
@@ -249,8 +253,9 @@ class Pipeline:
         now = datetime.now(UTC)
         outputs: list[Output] = []
         dcid_bytes = dcid_key(state.dcid)
-        status = cs.completion(state, time.time(), self.options.summary_timeout_s,
-                               self._owned_since.get(partition, 0.0))
+        owned_since = self._owned_since.get(partition, 0.0)
+        status = cs.completion(state, time.time(), self.options.summary_timeout_s, owned_since,
+                               settled=self.outstanding.settled(key, cs.quiet_since(state, owned_since)))
         if cs.progress_due(state, finishing=status is not None):
             state.announced = state.n_seen
             outputs.append(self._encoded("announce", "CollectionProgress", dcid_bytes, cs.build_progress(state, now)))
@@ -270,6 +275,7 @@ class Pipeline:
                     "image_ranges": [{"start": state.start_image_number,
                                       "end": state.start_image_number + state.expected - 1}],
                     "requested_by": "beamstream", "event_time": now}))
+            self.outstanding.forget(key)
             self.stats["summaries"] += 1
             metrics.summary_published()
             log.info("collection summarised", extra={
@@ -306,8 +312,11 @@ class Pipeline:
         for partition, key, state in self.collections.items():
             if state.summarized or not state.ended:
                 continue
-            if cs.completion(state, now, self.options.summary_timeout_s, self._owned_since.get(partition, 0.0)) is None:
+            owned_since = self._owned_since.get(partition, 0.0)
+            if not cs.timed_out(state, now, self.options.summary_timeout_s, owned_since):
                 continue
+            if not self.outstanding.settle(key, partition, cs.quiet_since(state, owned_since), state.dcid):
+                continue  # images or results still in flight: asked again next tick
             if now - self._last_check.get(key, 0.0) < max(1.0, self.options.summary_timeout_s / 4):
                 continue
             self._last_check[key] = now
@@ -380,6 +389,7 @@ class Pipeline:
         """Finish and commit the work in hand, leave the consumer groups, announce the stop."""
         for stage in self.stages:
             stage.stop()
+        self.outstanding.close()
         self._send_heartbeat("stopped")
         if self._side_producer is not None:
             self._side_producer.flush(5)

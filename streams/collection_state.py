@@ -186,9 +186,11 @@ def missing_images(state: CollectionState) -> list[int]:
     return [n for n in range(first, first + state.expected) if not state.has_image(n)]
 
 
-def completion(state: CollectionState, now: float, timeout_s: float, owned_since: float = 0.0) -> str | None:
+def completion(state: CollectionState, now: float, timeout_s: float, owned_since: float = 0.0,
+               settled: bool = True) -> str | None:
     """``complete`` when every expected image has a result, ``incomplete`` when the
-    collection ended and no new result came for ``timeout_s``, else None.
+    collection ended, no new result came for ``timeout_s`` and the images still
+    outstanding are ``settled`` (nothing announced is still being analysed), else None.
 
     Measuring the timeout from the last activity, not from the end event, keeps a
     slow or restarting worker's images from being declared missing while they are
@@ -203,11 +205,22 @@ def completion(state: CollectionState, now: float, timeout_s: float, owned_since
         expected = min(expected, state.images_collected)
     if all(state.has_image(n) for n in range(state.start_image_number, state.start_image_number + expected)):
         return "complete" if expected == state.expected else "incomplete"
-    if state.ended and state.ended_at is not None:
-        quiet_since = max(state.ended_at, state.last_activity or 0.0, owned_since)
-        if now - quiet_since >= timeout_s:
-            return "incomplete"
+    if timed_out(state, now, timeout_s, owned_since) and settled:
+        return "incomplete"
     return None
+
+
+def quiet_since(state: CollectionState, owned_since: float = 0.0) -> float | None:
+    """Since when an ended collection has had no news (None while it has not ended)."""
+    if not state.ended or state.ended_at is None:
+        return None
+    return max(state.ended_at, state.last_activity or 0.0, owned_since)
+
+
+def timed_out(state: CollectionState, now: float, timeout_s: float, owned_since: float = 0.0) -> bool:
+    """True when an ended collection has been quiet for ``timeout_s``."""
+    since = quiet_since(state, owned_since)
+    return since is not None and now - since >= timeout_s
 
 
 def heat_map(state: CollectionState) -> np.ndarray | None:

@@ -50,6 +50,33 @@ def test_lag_counts_what_the_group_has_not_committed(kafka_settings):
         lag.close()
 
 
+def test_events_between_skips_transaction_markers_and_aborted_events(kafka_settings):
+    settings = kafka_settings
+    topic = topic_name(settings, "images")
+    writer = make_producer(settings, transactional_id=f"{settings.topic_prefix}lag-test")
+    for n in range(3):  # offsets 0, 2, 4 with commit markers at 1, 3, 5
+        writer.begin_transaction()
+        writer.produce(topic, f"event {n}".encode(), partition=0)
+        writer.commit_transaction(10)
+    writer.begin_transaction()  # 6, aborted, and its marker 7
+    writer.produce(topic, b"aborted", partition=0)
+    writer.flush(10)  # on the broker before the abort
+    writer.abort_transaction(10)
+    lag = GroupLag(settings)
+    try:
+        marks = lag.end_offsets(topic)
+        assert marks[0] == 8 and all(marks[p] == 0 for p in marks if p != 0)
+        group = f"{settings.topic_prefix}lag-test-{uuid.uuid4().hex[:8]}"
+        assert lag.committed_offsets(group, topic) == dict.fromkeys(marks, 0)
+        assert lag.events_between(topic, {0: 0}, marks)
+        assert lag.events_between(topic, {0: 3}, marks)  # event 2 at offset 4
+        assert not lag.events_between(topic, {0: 5}, marks)  # a marker, an aborted event, a marker
+        assert not lag.events_between(topic, {0: 3}, {0: 4})  # event 2 is at the mark, not before it
+        assert not lag.events_between(topic, {0: 8}, marks) and not lag.events_between(topic, {}, marks)
+    finally:
+        lag.close()
+
+
 def test_groups_measured_while_a_new_broker_loads_its_coordinator(tmp_path):
     """librdkafka's admin ListConsumerGroupOffsets dies with SIGSEGV when the coordinator answers
     NOT_COORDINATOR, as a broker just started does while it loads its offsets topic (librdkafka#5040;

@@ -15,7 +15,7 @@ from beamstream.harness import TopicReader, WorkerProcess
 from beamstream.kafka_clients import make_producer
 from beamstream.lag import GroupLag
 from beamstream.topics import group_name, topic_name
-from producers.events import EventPublisher, collection_ended, collection_started
+from producers.events import EventPublisher, collection_ended, collection_started, image_arrived
 from schemas.keys import dcid_key
 from schemas.samples import sample_event
 from schemas.serde import make_serde
@@ -112,3 +112,32 @@ def test_orthogonal_grids_rotation_and_progress(kafka_settings, tmp_path):
     assert progress and progress[-1]["images_analysed"] == 6
     for dcid in (901, 902):  # every image announced, the last word equal to the summary's
         assert reader.values("announce", "CollectionProgress", dcid)[-1]["images_analysed"] == 12
+
+
+def test_a_quiet_collection_waits_for_images_still_being_analysed(kafka_settings, tmp_path):
+    """Each image takes 3 s, the summary timeout is 1 s: the collection is quiet for longer than
+    the timeout between results, yet its summary waits for every image announced (image 4 never is)."""
+    settings = kafka_settings
+    dcid = 904
+    reader = TopicReader(settings, ["results", "summaries"])
+    worker = WorkerProcess(settings, tmp_path, "w", "--analysis", "noop", "--simulated-analysis-time", "3",
+                           "--summary-timeout", "1", "--log-level", "info").start()
+    try:
+        with EventPublisher(settings) as publisher:
+            publisher.publish([collection_started(dcid, file_template="/d/q_####.cbf", number_of_images=4,
+                                                  experiment_type="rotation")])
+            publisher.publish([image_arrived(dcid, n, f"/d/q_{n:04d}.cbf") for n in (1, 2, 3)])
+            publisher.publish([collection_ended(dcid, 4)])
+        reader.wait_for(lambda: reader.values("summaries", "CollectionSummary", dcid), 120, "the summary")
+        time.sleep(2)  # a second summary would be committed by now
+    finally:
+        assert worker.terminate() == 0
+        reader.close()
+    [summary] = reader.values("summaries", "CollectionSummary", dcid)
+    assert summary["status"] == "incomplete", summary
+    assert summary["images_analysed"] == 3 and summary["missing_images"] == [4]
+    results = reader.values("results", "ImageResult", dcid)
+    assert sorted(r["image_number"] for r in results) == [1, 2, 3]
+    # Published after the last result, not during one of the quiet spells between them.
+    assert summary["event_time"] >= max(r["result_time"] for r in results)
+    assert "waiting for images still being analysed" in worker.log_text()
