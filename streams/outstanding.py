@@ -35,6 +35,7 @@ class _Wait:
     image_marks: dict[int, int]  # images topic ends when the timeout had passed
     result_marks: dict[int, int] | None = None  # the results partition's end once the analysis caught up
     settled: bool = False
+    logged: bool = False  # the wait for the analysis was logged (once per wait, not every tick)
 
 
 class OutstandingImages:
@@ -64,7 +65,10 @@ class OutstandingImages:
             if wait.result_marks is None:
                 analysed = self.lag.committed_offsets(group_name(self.settings, "analysis"), self.images)
                 if self.lag.events_between(self.images, analysed, wait.image_marks):
-                    log.info("collection timed out, waiting for images still being analysed", extra={"dcid": dcid})
+                    if not wait.logged:
+                        wait.logged = True
+                        log.info("collection timed out, waiting for images still being analysed",
+                                 extra={"dcid": dcid})
                     return False
                 wait.result_marks = {partition: self.lag.end_offsets(self.results)[partition]}
             collected = self.lag.committed_offsets(group_name(self.settings, "collect"), self.results)
