@@ -76,15 +76,18 @@ class GroupLag:
             _left(deadline))
         return GroupProgress(end_total, committed_total, len(described.members))
 
-    def end_offsets(self, topic: str, timeout_s: float = 5.0) -> dict[int, int]:
-        """Each partition's end now (its high watermark: the offset the next event will get)."""
-        return {p: high for p, (_, high) in self._bounds(topic, time.monotonic() + timeout_s).items()}
+    def end_offsets(self, topic: str, partitions: list[int] | None = None, timeout_s: float = 5.0) -> dict[int, int]:
+        """Each partition's end now (its high watermark: the offset the next event will get);
+        every partition of ``topic`` unless ``partitions`` are named."""
+        bounds = self._bounds(topic, time.monotonic() + timeout_s, partitions)
+        return {p: high for p, (_, high) in bounds.items()}
 
-    def committed_offsets(self, group: str, topic: str, timeout_s: float = 5.0) -> dict[int, int]:
-        """Where ``group`` goes on in each partition of ``topic``: its committed offset, or the first
-        retained one where it never committed."""
+    def committed_offsets(self, group: str, topic: str, partitions: list[int] | None = None,
+                          timeout_s: float = 5.0) -> dict[int, int]:
+        """Where ``group`` goes on in each partition of ``topic`` (or the named ``partitions``): its
+        committed offset, or the first retained one where it never committed."""
         deadline = time.monotonic() + timeout_s
-        bounds = self._bounds(topic, deadline)
+        bounds = self._bounds(topic, deadline, partitions)
         committed = self._committed_raw(group, topic, sorted(bounds), deadline)
         return {p: _from(committed, p, low) for p, (low, _) in bounds.items()}
 
@@ -125,11 +128,12 @@ class GroupLag:
         finally:
             self._probe.unassign()
 
-    def _bounds(self, topic: str, deadline: float) -> dict[int, tuple[int, int]]:
-        metadata = self.watermarks.list_topics(topic, timeout=_left(deadline)).topics[topic]
+    def _bounds(self, topic: str, deadline: float, partitions: list[int] | None = None) -> dict[int, tuple[int, int]]:
+        if partitions is None:
+            partitions = sorted(self.watermarks.list_topics(topic, timeout=_left(deadline)).topics[topic].partitions)
         return {p: _retrying(lambda p=p: self.watermarks.get_watermark_offsets(
                     TopicPartition(topic, p), timeout=_left(deadline), cached=False), deadline)
-                for p in sorted(metadata.partitions)}
+                for p in partitions}
 
     def _committed_raw(self, group: str, topic: str, partitions: list[int], deadline: float) -> dict[int, int]:
         reader = self._committed.get(group)

@@ -70,9 +70,9 @@ class OutstandingImages:
                         log.info("collection timed out, waiting for images still being analysed",
                                  extra={"dcid": dcid})
                     return False
-                wait.result_marks = {partition: self.lag.end_offsets(self.results)[partition]}
-            collected = self.lag.committed_offsets(group_name(self.settings, "collect"), self.results)
-            if self.lag.events_between(self.results, {partition: collected[partition]}, wait.result_marks):
+                wait.result_marks = self.lag.end_offsets(self.results, [partition])
+            collected = self.lag.committed_offsets(group_name(self.settings, "collect"), self.results, [partition])
+            if self.lag.events_between(self.results, collected, wait.result_marks):
                 return False
         except (KafkaException, TimeoutError) as exc:
             log.warning("cannot tell whether images are still in flight: %s", exc, extra={"dcid": dcid})

@@ -7,11 +7,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
-from confluent_kafka import KafkaException, TopicPartition
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from beamstream.kafka_clients import make_consumer, make_producer
+from beamstream.lag import GroupLag
 from beamstream.settings import Settings
 from beamstream.topics import topic_name
 from connectors.ispyb_schema import create_schema, make_engine
@@ -135,34 +135,21 @@ def scalar(engine: Engine, sql: str, **params):
 
 
 def committed_offsets(settings: Settings, group_id: str, logical_topic: str) -> dict[int, int]:
-    """The group's committed offset per partition of a topic (0 where none was committed yet)."""
-    topic = topic_name(settings, logical_topic)
-    consumer = make_consumer(settings, group_id)
+    """The group's committed offset per partition of a topic (its first offset where none was committed yet)."""
+    lag = GroupLag(settings)
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return lag.committed_offsets(group_id, topic_name(settings, logical_topic), timeout_s=15)
     finally:
-        consumer.close()
-    return {tp.partition: max(tp.offset, 0) for tp in found}
+        lag.close()
 
 
 def end_offsets(settings: Settings, logical_topic: str) -> dict[int, int]:
     """The high watermark of every partition of a topic."""
-    topic = topic_name(settings, logical_topic)
-    consumer = make_consumer(settings, f"watermarks-{uuid.uuid4().hex[:6]}")
+    lag = GroupLag(settings)
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                        for p in partitions}
-            except KafkaException:  # a topic created a moment ago may have no leader yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        return lag.end_offsets(topic_name(settings, logical_topic), timeout_s=15)
     finally:
-        consumer.close()
+        lag.close()
 
 
 def messages_committed(offsets: dict[int, int]) -> int:

@@ -45,10 +45,11 @@ def publish_results(settings, dcid: int, spots: list[int]) -> None:
 def wait_until_collected(settings, logical_topic: str, timeout_s: float = 120) -> None:
     """Until the workers' collect stage has committed everything on the topic."""
     lag = GroupLag(settings)
+    topic, group = topic_name(settings, logical_topic), group_name(settings, "collect")
     deadline = time.monotonic() + timeout_s
     try:
-        while (waiting := lag.progress(group_name(settings, "collect"), topic_name(settings, logical_topic)).lag) > 0:
-            assert time.monotonic() < deadline, f"the collect stage left {waiting} events on {logical_topic}"
+        while lag.events_between(topic, lag.committed_offsets(group, topic), lag.end_offsets(topic)):
+            assert time.monotonic() < deadline, f"the collect stage left events on {logical_topic}"
             time.sleep(0.2)
     finally:
         lag.close()
