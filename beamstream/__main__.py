@@ -2,6 +2,6 @@
 
 import sys
 
-from beamstream.cli import main
+from beamstream.cli.main import main
 
 sys.exit(main())

@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from diffraction.analysis import SpotFindingParams, analyse_image
-from diffraction.readers import open_image
-from diffraction.synthetic import SyntheticSpec, generate_frames, generate_image
-from diffraction.writers import write_nexus
+from beamstream.diffraction.analysis import SpotFindingParams, analyse_image
+from beamstream.diffraction.readers import open_image
+from beamstream.diffraction.synthetic import SyntheticSpec, generate_frames, generate_image
+from beamstream.diffraction.writers import write_nexus
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "thaumatin_grid"
 

@@ -27,11 +27,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from beamstream.cluster import LocalCluster  # noqa: E402
-from beamstream.harness import TopicReader, WorkerProcess, free_port_pair  # noqa: E402
-from beamstream.settings import load_settings  # noqa: E402
-from beamstream.topics import apply_topics  # noqa: E402
-from producers.events import EventPublisher, collection_started, image_arrived  # noqa: E402
+from beamstream.producers.events import EventPublisher, collection_started, image_arrived  # noqa: E402
+
+from beamstream.operations.cluster import LocalCluster  # noqa: E402
+from beamstream.platform.settings import load_settings  # noqa: E402
+from beamstream.platform.topics import apply_topics  # noqa: E402
+from tests.helpers.harness import ServiceProcess, TopicReader, free_port_pair  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "thaumatin_grid"
 
@@ -62,7 +63,7 @@ def run_latency(base, log_dir: Path, analysis: str, rate_hz: float, seconds: flo
                 workers: int) -> dict:
     settings = fresh_settings(base)
     reader = TopicReader(settings, ["results"])
-    procs = [WorkerProcess(settings, log_dir, f"{analysis}-{rate_hz}-{i}", "--analysis", analysis,
+    procs = [ServiceProcess(settings, log_dir, f"{analysis}-{rate_hz}-{i}", "--analysis", analysis,
                            "--log-level", "warning").start() for i in range(workers)]
     try:
         # Warm-up: the workers must have joined and compiled before the clock starts.
@@ -104,7 +105,7 @@ def run_throughput(base, log_dir: Path, exactly_once: bool, n_images: int) -> di
     publisher.close()
     reader = TopicReader(settings, ["results"])
     args = ["--analysis", "noop", "--log-level", "warning"] + ([] if exactly_once else ["--at-least-once"])
-    proc = WorkerProcess(settings, log_dir, f"throughput-{exactly_once}", *args).start()
+    proc = ServiceProcess(settings, log_dir, f"throughput-{exactly_once}", *args).start()
     try:
         reader.wait_for(lambda: len(reader.values("results")) >= n_images, 600, f"{n_images} results")
         # The worker's own clock: when each result was made. Its commits sit between its batches, so

@@ -25,17 +25,16 @@ for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MK
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
-
-from diffraction.analysis import SpotFindingParams, analyse_image  # noqa: E402
-from diffraction.image import DetectorGeometry, DiffractionImage  # noqa: E402
-from diffraction.threshold import threshold_image  # noqa: E402
+from beamstream.diffraction.analysis import SpotFindingParams, analyse_image  # noqa: E402
+from beamstream.diffraction.image import DetectorGeometry, DiffractionImage  # noqa: E402
+from beamstream.diffraction.threshold import threshold_image  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "thaumatin_grid"
 
 
 def thaumatin_frames(count: int) -> list[tuple[str, DiffractionImage]]:
     """Up to ``count`` real PILATUS3 6M frames from the shared data, if present."""
-    from diffraction.readers import open_image
+    from beamstream.diffraction.readers import open_image
 
     paths = sorted(DATA_DIR.glob("thau_3_2_*.cbf.bz2"))[:count]
     return [(f"PILATUS3 6M {p.name.split('.')[0]}", open_image(p)) for p in paths]
@@ -44,7 +43,7 @@ def thaumatin_frames(count: int) -> list[tuple[str, DiffractionImage]]:
 def eiger_frame(seed: int = 1) -> tuple[str, DiffractionImage]:
     """A synthetic EIGER2 XE 16M frame (4148 x 4362), from diffraction.synthetic when available."""
     try:
-        from diffraction.synthetic import SyntheticSpec, generate_image
+        from beamstream.diffraction.synthetic import SyntheticSpec, generate_image
 
         return "EIGER2 16M synthetic", generate_image(SyntheticSpec(detector="eiger2_16m"), seed=seed)
     except ImportError:

@@ -32,18 +32,18 @@ import threading
 import time
 from datetime import UTC, datetime
 
+from beamstream.connectors.manifests import Interrupted, build_manifest, manifest_path, write_manifest
+from beamstream.schemas.keys import dcid_key
+from beamstream.schemas.serde import SerdeError, make_serde
 from confluent_kafka import KafkaException, TopicPartition
 
-from beamstream import metrics
-from beamstream.deadletters import dead_letter
+from beamstream.engine.dead_letters import dead_letter
 from beamstream.errors import BeamstreamError
-from beamstream.kafka_clients import make_consumer, make_producer
-from beamstream.retained import offset_bounds, open_reader, partitions_of, read_range
-from beamstream.settings import Settings
-from beamstream.topics import topic_name
-from connectors.manifests import Interrupted, build_manifest, manifest_path, write_manifest
-from schemas.keys import dcid_key
-from schemas.serde import SerdeError, make_serde
+from beamstream.platform import metrics
+from beamstream.platform.kafka_clients import make_consumer, make_producer
+from beamstream.platform.retained import offset_bounds, open_reader, partitions_of, read_range
+from beamstream.platform.settings import Settings
+from beamstream.platform.topics import topic_name
 
 log = logging.getLogger("beamstream.archiver")
 

@@ -14,12 +14,13 @@ import threading
 import uuid
 from datetime import UTC, datetime
 
-from beamstream import metrics
+from beamstream.schemas.serde import SerdeError, make_serde
+
 from beamstream.errors import BeamstreamError
-from beamstream.kafka_clients import make_consumer
-from beamstream.settings import Settings
-from beamstream.topics import topic_name
-from schemas.serde import SerdeError, make_serde
+from beamstream.platform import metrics
+from beamstream.platform.kafka_clients import make_consumer
+from beamstream.platform.settings import Settings
+from beamstream.platform.topics import topic_name
 
 log = logging.getLogger("beamstream.gda_feedback")
 

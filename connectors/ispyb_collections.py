@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from beamstream.connectors.ispyb_mapping import RECIPE
 from ispyb.sqlalchemy import (
     BLSession,
     DataCollection,
@@ -29,7 +30,6 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from beamstream.errors import BeamstreamError
-from connectors.ispyb_mapping import RECIPE
 
 #: ISPyB experiment types (DataCollectionGroup.experimentType) by Beamstream's experiment type.
 _GRID_TYPES = {"Mesh", "Mesh3D"}

@@ -34,19 +34,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from beamstream.connectors.ispyb_mapping import RecordError, check_result, check_summary
+from beamstream.connectors.ispyb_schema import make_engine
+from beamstream.connectors.ispyb_writer import DatabaseUnavailable, DataRefused, IspybWriter
+from beamstream.schemas.serde import SerdeError, make_serde
 from confluent_kafka import KafkaException, Message, TopicPartition
 from sqlalchemy.engine import Engine
 
-from beamstream import metrics
-from beamstream.deadletters import dead_letter
+from beamstream.engine.dead_letters import dead_letter
 from beamstream.errors import BeamstreamError
-from beamstream.kafka_clients import make_consumer, make_producer
-from beamstream.settings import Settings
-from beamstream.topics import topic_name
-from connectors.ispyb_mapping import RecordError, check_result, check_summary
-from connectors.ispyb_schema import make_engine
-from connectors.ispyb_writer import DatabaseUnavailable, DataRefused, IspybWriter
-from schemas.serde import SerdeError, make_serde
+from beamstream.platform import metrics
+from beamstream.platform.kafka_clients import make_consumer, make_producer
+from beamstream.platform.settings import Settings
+from beamstream.platform.topics import topic_name
 
 log = logging.getLogger("beamstream.ispyb_sink")
 

@@ -22,7 +22,7 @@ import re
 import threading
 from pathlib import Path
 
-from producers.scanning import cbf_file_name, is_nexus_template
+from beamstream.producers.scanning import cbf_file_name, is_nexus_template
 
 MANIFEST_FORMAT = "beamstream-archive-manifest/1"
 _CHUNK = 4 << 20

@@ -11,7 +11,7 @@ import importlib.util
 import time
 
 from beamstream.errors import BeamstreamError
-from beamstream.settings import Settings
+from beamstream.platform.settings import Settings
 
 
 class ActionError(Exception):
@@ -28,7 +28,7 @@ def reinject_dead_letter(settings: Settings, dead_id: str, requested_by: str) ->
 
     404 when there is no such dead letter, 409 when it cannot be (or already was) reinjected.
     """
-    from beamstream import dlq
+    from beamstream.platform import dlq
 
     scan = _read_dead_letters(settings)
     try:
@@ -51,7 +51,7 @@ def reinject_dead_letter(settings: Settings, dead_id: str, requested_by: str) ->
 
 def _read_dead_letters(settings: Settings, tries: int = 3):
     """The dead-letter topic as read now; transient broker answers (a leader moving) are retried, then 503."""
-    from beamstream import dlq
+    from beamstream.platform import dlq
 
     for attempt in range(1, tries + 1):
         try:
@@ -77,9 +77,9 @@ def reprocess_collection(settings: Settings, dcid: int, parameters: dict[str, st
     """
     if not reprocessing_available():
         raise ActionError(501, "reprocessing is not available in this installation (producers/go.py is missing)")
-    from connectors.ispyb_collections import CollectionError, DatabaseError
-    from connectors.ispyb_schema import make_engine
-    from producers import go
+    from beamstream.connectors.ispyb_collections import CollectionError, DatabaseError
+    from beamstream.connectors.ispyb_schema import make_engine
+    from beamstream.producers import go
 
     try:
         params = go.parse_parameters([f"{k}={v}" for k, v in parameters.items()])

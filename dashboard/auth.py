@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from beamstream.settings import Settings
+from beamstream.platform.settings import Settings
 
 _NAMED = re.compile(r"^([A-Za-z0-9_.@-]{1,64}):(.+)$")
 

@@ -13,15 +13,15 @@ import threading
 import time
 import uuid
 
+from beamstream.dashboard.view import DashboardView
+from beamstream.schemas.serde import SerdeError, make_serde
 from confluent_kafka import KafkaException
 
-from beamstream import metrics
-from beamstream.kafka_clients import make_consumer
-from beamstream.lag import GroupLag
-from beamstream.settings import Settings
-from beamstream.topics import group_name, topic_name
-from dashboard.view import DashboardView
-from schemas.serde import SerdeError, make_serde
+from beamstream.platform import metrics
+from beamstream.platform.kafka_clients import make_consumer
+from beamstream.platform.lag import GroupLag
+from beamstream.platform.settings import Settings
+from beamstream.platform.topics import group_name, topic_name
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import signal
 import threading
 
 from aiohttp import web
+from beamstream.dashboard.feed import Feed
+from beamstream.dashboard.view import DashboardView
+from beamstream.dashboard.web import create_app
 
-from beamstream.settings import Settings
-from dashboard.feed import Feed
-from dashboard.view import DashboardView
-from dashboard.web import create_app
+from beamstream.platform.settings import Settings
 
 
 class DashboardServer:

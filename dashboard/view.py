@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from diffraction.centring import GridShape
+from beamstream.diffraction.centring import GridShape
 
 #: A heartbeat older than this many seconds marks its service as stale (workers beat every 5 s).
 STALE_AFTER_S = 20.0

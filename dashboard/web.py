@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from beamstream.dashboard import actions
+from beamstream.dashboard.auth import AuthError, Principal, authenticate
+from beamstream.dashboard.view import DashboardView
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from beamstream.errors import BeamstreamError
-from beamstream.settings import Settings
-from dashboard import actions
-from dashboard.auth import AuthError, Principal, authenticate
-from dashboard.view import DashboardView
+from beamstream.platform.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
 _DEAD_ID = re.compile(r"^(\d{1,9}):(\d{1,19})$")

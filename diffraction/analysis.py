@@ -17,18 +17,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-
-from diffraction.errors import SpotFindingParameterError
-from diffraction.image import DiffractionImage
-from diffraction.resolution import resolution_mask
-from diffraction.spotfinder import SpotFilterParams, empty_spots, find_spots
-from diffraction.statistics import (
+from beamstream.diffraction.errors import SpotFindingParameterError
+from beamstream.diffraction.image import DiffractionImage
+from beamstream.diffraction.resolution import resolution_mask
+from beamstream.diffraction.spotfinder import SpotFilterParams, empty_spots, find_spots
+from beamstream.diffraction.statistics import (
     DEFAULT_ICE_RING_WIDTH,
     STAT_FIELDS,
     PerImageStatistics,
     statistics_from_spots,
 )
-from diffraction.threshold import ALGORITHMS, ThresholdParams, threshold_image
+from beamstream.diffraction.threshold import ALGORITHMS, ThresholdParams, threshold_image
 
 __all__ = [
     "ImageAnalysis",
@@ -158,7 +157,7 @@ def analyse_image(image: DiffractionImage, params: SpotFindingParams | None = No
         mask = mask & keep
 
     if params.backend == "dials":
-        from diffraction.dials_backend import find_spots_with_dials
+        from beamstream.diffraction.dials_backend import find_spots_with_dials
 
         spots, n_strong, time_threshold = find_spots_with_dials(data, mask, params)
     else:
@@ -192,7 +191,7 @@ def warm_up() -> None:
     Call once when a worker starts so the first real frame is not charged with
     JIT compilation (seconds on a cold cache).
     """
-    from diffraction.image import DetectorGeometry
+    from beamstream.diffraction.image import DetectorGeometry
 
     rng = np.random.default_rng(0)
     data = rng.poisson(2, size=(32, 32)).astype(np.int32)

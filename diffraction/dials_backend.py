@@ -13,12 +13,11 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from diffraction.errors import BackendUnavailableError
-from diffraction.spotfinder import SPOT_DTYPE, check_strong_pixel_fraction, empty_spots
+from beamstream.diffraction.errors import BackendUnavailableError
+from beamstream.diffraction.spotfinder import SPOT_DTYPE, check_strong_pixel_fraction, empty_spots
 
 if TYPE_CHECKING:
-    from diffraction.analysis import SpotFindingParams
+    from beamstream.diffraction.analysis import SpotFindingParams
 
 
 def _import_dials():

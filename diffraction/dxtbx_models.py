@@ -19,9 +19,8 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-
-from diffraction.errors import GeometryError
-from diffraction.image import DetectorGeometry
+from beamstream.diffraction.errors import GeometryError
+from beamstream.diffraction.image import DetectorGeometry
 
 
 def load_experiments(source: str | PathLike | dict) -> dict:

@@ -10,8 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from diffraction.errors import GeometryError
+from beamstream.diffraction.errors import GeometryError
 
 
 @dataclass(frozen=True)

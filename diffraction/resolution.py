@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-
-from diffraction.errors import GeometryError
-from diffraction.image import DetectorGeometry
+from beamstream.diffraction.errors import GeometryError
+from beamstream.diffraction.image import DetectorGeometry
 
 _ROW_CHUNK = 256
 

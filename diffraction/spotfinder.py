@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-
-from diffraction.errors import SpotFindingError, SpotFindingParameterError
+from beamstream.diffraction.errors import SpotFindingError, SpotFindingParameterError
 
 try:
     from numba import njit

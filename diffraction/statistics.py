@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
 import numpy as np
-
-from diffraction.image import DetectorGeometry
-from diffraction.resolution import spot_rlp_norm
+from beamstream.diffraction.image import DetectorGeometry
+from beamstream.diffraction.resolution import spot_rlp_norm
 
 # Hexagonal ice Ih, P 6_3/m m c, as DIALS's ice_rings_selection uses it.
 ICE_CELL_A = 4.498

@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-
-from diffraction.detectors import DetectorPreset, get_preset, module_gap_mask, sensor_mu_per_mm
-from diffraction.image import DetectorGeometry, DiffractionImage
-from diffraction.readers._common import make_geometry, trusted_mask
-from diffraction.writers import write_cbf, write_nexus
+from beamstream.diffraction.detectors import DetectorPreset, get_preset, module_gap_mask, sensor_mu_per_mm
+from beamstream.diffraction.image import DetectorGeometry, DiffractionImage
+from beamstream.diffraction.readers._common import make_geometry, trusted_mask
+from beamstream.diffraction.writers import write_cbf, write_nexus
 
 __all__ = ["Crystal", "SyntheticSpec", "generate_frames", "generate_image", "write_cbf", "write_nexus"]
 

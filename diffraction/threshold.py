@@ -39,8 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-
-from diffraction.errors import SpotFindingParameterError
+from beamstream.diffraction.errors import SpotFindingParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ def threshold_image(
         backend = "numpy"
     exact = _as_exact_integers(data, mask) if backend == "numba" else None
     if exact is not None:
-        from diffraction import _threshold_numba as kernels
+        from beamstream.diffraction import _threshold_numba as kernels
 
         exact = np.ascontiguousarray(exact)
         mask = np.ascontiguousarray(mask)

@@ -17,8 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-
-from diffraction.image import DiffractionImage
+from beamstream.diffraction.image import DiffractionImage
 
 
 def _atomic_target(path: Path) -> Path:

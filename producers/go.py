@@ -20,22 +20,22 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
-
-from beamstream.errors import BeamstreamError
-from beamstream.settings import Settings
-from connectors.ispyb_collections import (
+from beamstream.connectors.ispyb_collections import (
     CollectionRecord,
     DatabaseError,
     add_processing_job,
     check_parameters,
     read_collection,
 )
-from connectors.ispyb_mapping import RECIPE
-from producers.events import Event, EventPublisher, collection_ended, collection_started, image_arrived, now
-from producers.publishing import open_publisher, publish
-from producers.scanning import FrameRef, cbf_file_name, is_nexus_template
+from beamstream.connectors.ispyb_mapping import RECIPE
+from beamstream.producers.events import Event, EventPublisher, collection_ended, collection_started, image_arrived, now
+from beamstream.producers.publishing import open_publisher, publish
+from beamstream.producers.scanning import FrameRef, cbf_file_name, is_nexus_template
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from beamstream.errors import BeamstreamError
+from beamstream.platform.settings import Settings
 
 #: ProcessingJob.displayName of the jobs ``beamstream go`` registers.
 GO_JOB_NAME = "beamstream go"

@@ -20,8 +20,10 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
+from beamstream.schemas.keys import parse_dcid_key
+
 from beamstream.errors import BeamstreamError
-from beamstream.retained import (
+from beamstream.platform.retained import (
     AtomicWriter,
     OutRecord,
     header_count,
@@ -33,8 +35,7 @@ from beamstream.retained import (
     resolve_topic,
     with_header,
 )
-from beamstream.settings import Settings
-from schemas.keys import parse_dcid_key
+from beamstream.platform.settings import Settings
 
 REPLAYED_HEADER = "beamstream-replayed"
 REPLAYED_FROM_HEADER = "beamstream-replayed-from"

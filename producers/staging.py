@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from diffraction.image import DiffractionImage
-from diffraction.writers import nexus_file_names, write_cbf, write_nexus
-from producers.scanning import cbf_file_name
+from beamstream.diffraction.image import DiffractionImage
+from beamstream.diffraction.writers import nexus_file_names, write_cbf, write_nexus
+from beamstream.producers.scanning import cbf_file_name
 
 _DATA_LINK_PREFIX = "data_"
 

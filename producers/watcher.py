@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from producers.events import EventPublisher, collection_ended, image_arrived
-from producers.publishing import publish
-from producers.scanning import Scanner, format_ranges, make_scanner
+from beamstream.producers.events import EventPublisher, collection_ended, image_arrived
+from beamstream.producers.publishing import publish
+from beamstream.producers.scanning import Scanner, format_ranges, make_scanner
 
 log = logging.getLogger(__name__)
 

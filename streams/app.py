@@ -28,23 +28,23 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from beamstream.diffraction.errors import DiffractionError, SpotFindingError
+from beamstream.schemas.keys import dcid_key
+from beamstream.schemas.serde import SerdeError, make_serde
+from beamstream.streams import collection_state as cs
+from beamstream.streams import sample_centring as samples
+from beamstream.streams.image_analysis import Analysis, noop_analysis, path_within_roots
+from beamstream.streams.outstanding import OutstandingImages
 from confluent_kafka import Message
 
-from beamstream import metrics  # Prometheus counters (beamstream/metrics.py); served only when a port is set
-from beamstream.deadletters import dead_letter
-from beamstream.kafka_clients import make_producer
-from beamstream.settings import Settings
-from beamstream.topics import group_name, topic_name
-from beamstream.transactions import Output
-from diffraction.errors import DiffractionError, SpotFindingError
-from schemas.keys import dcid_key
-from schemas.serde import SerdeError, make_serde
-from streams import collection_state as cs
-from streams import sample_centring as samples
-from streams.changelog_table import ChangelogTable
-from streams.image_analysis import Analysis, noop_analysis, path_within_roots
-from streams.outstanding import OutstandingImages
-from streams.transactional_stage import TransactionalStage
+from beamstream.engine.dead_letters import dead_letter
+from beamstream.engine.stage import TransactionalStage
+from beamstream.engine.table import ChangelogTable
+from beamstream.engine.transactions import Output
+from beamstream.platform import metrics  # Prometheus counters (beamstream/metrics.py); served only when a port is set
+from beamstream.platform.kafka_clients import make_producer
+from beamstream.platform.settings import Settings
+from beamstream.platform.topics import group_name, topic_name
 
 log = logging.getLogger("beamstream.worker")
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 
 import numpy as np
-
-from diffraction.centring import GridShape, find_xray_centre
+from beamstream.diffraction.centring import GridShape, find_xray_centre
 
 #: d_min histogram: bins of 0.02 Å from 0.5 Å; the median is reported to a bin's centre.
 D_MIN_BIN_A = 0.02

@@ -11,11 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-from diffraction.analysis import SpotFindingParams, analyse_image
-from diffraction.readers import open_image
-from diffraction.resolution import spot_rlp_norm
-from diffraction.statistics import PerImageStatistics
+from beamstream.diffraction.analysis import SpotFindingParams, analyse_image
+from beamstream.diffraction.readers import open_image
+from beamstream.diffraction.resolution import spot_rlp_norm
+from beamstream.diffraction.statistics import PerImageStatistics
 
 BRIGHTEST_SPOTS = 20
 

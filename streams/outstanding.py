@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
 
-from beamstream.lag import GroupLag
-from beamstream.settings import Settings
-from beamstream.topics import group_name, topic_name
+from beamstream.platform.lag import GroupLag
+from beamstream.platform.settings import Settings
+from beamstream.platform.topics import group_name, topic_name
 
 log = logging.getLogger("beamstream.worker")
 

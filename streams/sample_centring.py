@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from diffraction.centring import combine_orthogonal
+from beamstream.diffraction.centring import combine_orthogonal
 
 PLANES = ("xy", "xz")
 

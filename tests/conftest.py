@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from beamstream.cluster import LocalCluster
-from beamstream.harness import free_port_pair
-from beamstream.processes import alive
-from beamstream.settings import Settings, load_settings
-from beamstream.topics import apply_topics
+from beamstream.operations.cluster import LocalCluster
+from beamstream.platform.processes import alive
+from beamstream.platform.settings import Settings, load_settings
+from beamstream.platform.topics import apply_topics
+from tests.helpers.harness import free_port_pair
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -2,7 +2,7 @@
 
 Frames are addressed by 0-based index here (the CLI speaks 1-based image numbers)::
 
-    from diffraction.readers import open_image, count_frames, iter_frames
+    from beamstream.diffraction.readers import open_image, count_frames, iter_frames
 
     image = open_image("thau_3_2_0001.cbf.bz2")          # the only frame
     n = count_frames("series_master.h5")
@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from diffraction.errors import ImageReadError
-from diffraction.image import DiffractionImage
-from diffraction.readers._common import ImageSource, check_frame, require_file
-from diffraction.readers.cbf import BZ2_MAGIC, GZIP_MAGIC, CbfSource
-from diffraction.readers.nexus import NexusSource
+from beamstream.diffraction.errors import ImageReadError
+from beamstream.diffraction.image import DiffractionImage
+from beamstream.diffraction.readers._common import ImageSource, check_frame, require_file
+from beamstream.diffraction.readers.cbf import BZ2_MAGIC, GZIP_MAGIC, CbfSource
+from beamstream.diffraction.readers.nexus import NexusSource
 
 __all__ = [
     "ImageSource",

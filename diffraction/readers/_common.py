@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-
-from diffraction.errors import FrameIndexError, GeometryError, ImageReadError
-from diffraction.image import DetectorGeometry, DiffractionImage
+from beamstream.diffraction.errors import FrameIndexError, GeometryError, ImageReadError
+from beamstream.diffraction.image import DetectorGeometry, DiffractionImage
 
 
 class ImageSource(ABC):

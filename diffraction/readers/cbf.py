@@ -19,11 +19,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
-from diffraction.detectors import find_layout, module_gap_mask, sensor_mu_per_mm
-from diffraction.errors import GeometryError, ImageReadError
-from diffraction.image import DiffractionImage
-from diffraction.readers._common import (
+from beamstream.diffraction.detectors import find_layout, module_gap_mask, sensor_mu_per_mm
+from beamstream.diffraction.errors import GeometryError, ImageReadError
+from beamstream.diffraction.image import DiffractionImage
+from beamstream.diffraction.readers._common import (
     ImageSource,
     check_frame,
     make_geometry,

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from diffraction.detectors import sensor_mu_per_mm
-from diffraction.errors import DiffractionError, FrameIndexError, GeometryError, ImageReadError
-from diffraction.image import DetectorGeometry, DiffractionImage
-from diffraction.readers._chunks import chunk_checker
-from diffraction.readers._common import (
+from beamstream.diffraction.detectors import sensor_mu_per_mm
+from beamstream.diffraction.errors import DiffractionError, FrameIndexError, GeometryError, ImageReadError
+from beamstream.diffraction.image import DetectorGeometry, DiffractionImage
+from beamstream.diffraction.readers._chunks import chunk_checker
+from beamstream.diffraction.readers._common import (
     ImageSource,
     check_frame,
     make_geometry,

@@ -1,0 +1,206 @@
+"""Every topic Beamstream uses, declared in code and applied idempotently.
+
+``apply_topics`` creates what is missing, adds partitions where a topic has too
+few, and sets configs that differ; it never deletes data or shrinks anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from beamstream.errors import BeamstreamError
+from beamstream.platform.kafka_clients import connection_problem, make_admin
+from beamstream.platform.settings import Settings
+
+DAY_MS = 24 * 3600 * 1000
+
+
+class TopicError(BeamstreamError):
+    """Topics could not be listed, created or altered."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A declared topic: its logical name, record types, partitions and configs."""
+
+    logical_name: str
+    record_types: tuple[str, ...]
+    partitions: int
+    configs: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+    def name(self, settings: Settings) -> str:
+        """The topic's name on the cluster (with the deployment's prefix)."""
+        return f"{settings.topic_prefix}{self.logical_name}"
+
+
+def declared_topics(settings: Settings) -> list[TopicSpec]:
+    """The topics of a deployment. Keyed-by-dcid topics share the image partition count,
+    so a collection's events, results and summary land on partitions with the same index."""
+    n = settings.image_partitions
+    retained = {"cleanup.policy": "delete", "retention.ms": str(14 * DAY_MS)}
+    return [
+        TopicSpec("images", ("ImageArrived",), n, retained,
+                  "One event per image, keyed by dcid; the work queue of the analysis workers."),
+        TopicSpec("collections", ("CollectionStarted", "CollectionEnded", "CollectionCheck"), n,
+                  {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
+                  "Collection started/ended events, keyed by dcid."),
+        TopicSpec("results", ("ImageResult",), n, retained,
+                  "Per-image analysis results, keyed by dcid: beamline feedback and ISPyB sink input."),
+        TopicSpec("announce", ("CollectionProgress",), n,
+                  {"cleanup.policy": "delete", "retention.ms": str(2 * DAY_MS)},
+                  "Progress announcements while a collection is analysed."),
+        TopicSpec("summaries", ("CollectionSummary", "SampleCentre"), n,
+                  {"cleanup.policy": "delete", "retention.ms": str(90 * DAY_MS)},
+                  "One summary per collection: X-ray centre or data-reduction trigger."),
+        TopicSpec("requests", ("ProcessingRequest",), n,
+                  {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
+                  "Reprocessing, replay and data-reduction requests."),
+        TopicSpec("deadletter", ("DeadLetter",), 3,
+                  {"cleanup.policy": "delete", "retention.ms": str(90 * DAY_MS)},
+                  "Messages no consumer could process, with the reason; inspect and reinject."),
+        # `beamstream dlq reinject` writes a marker here in the transaction that reinjects, so a
+        # dead letter is reinjected at most once whoever runs the tool, wherever.
+        TopicSpec("deadletter-resolved", ("DeadLetterResolved",), 1,
+                  {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                  "Which dead letters were reinjected, and as what (compacted, keyed by partition:offset)."),
+        TopicSpec("archive", ("ArchiveComplete",), n,
+                  {"cleanup.policy": "delete", "retention.ms": str(90 * DAY_MS)},
+                  "One archive-complete event per collection (and reprocessing job): manifest written."),
+        # The workers' collection table (Faust app "<prefix>workers", table "collections"):
+        # declared here so it exists, compacted and co-partitioned, before any worker starts.
+        TopicSpec("workers-collections-changelog", (), n,
+                  {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                  "Changelog of the per-collection table (JSON state per collection); compacted."),
+        TopicSpec("samples", ("CollectionSummary",), n,
+                  {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
+                  "Grid-scan summaries re-keyed by sample id, for the 3D centre of orthogonal scans."),
+        TopicSpec("workers-samples-changelog", (), n,
+                  {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                  "Changelog of the per-sample table (orthogonal grid centres); compacted."),
+        TopicSpec("monitor", ("MonitorEvent",), 1,
+                  {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
+                  "The process monitor's observations, scaling decisions and warnings."),
+        TopicSpec("heartbeats", ("ServiceHeartbeat",), 1,
+                  {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                  "Latest heartbeat per service (compacted)."),
+        # No Avro record type: log lines are for people and log tools (Loki, Elasticsearch, kcat), which
+        # read JSON; only services with BEAMSTREAM_LOG_TOPIC set write here.
+        TopicSpec("logs", (), 3,
+                  {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)},
+                  "Services' log lines when BEAMSTREAM_LOG_TOPIC is set: JSON lines (UTF-8), not Avro, one "
+                  "per record, keyed by service; kept 7 days."),
+    ]
+
+
+def topic_name(settings: Settings, logical_name: str) -> str:
+    """The cluster name of a declared topic, e.g. ``topic_name(s, "images")``."""
+    for spec in declared_topics(settings):
+        if spec.logical_name == logical_name:
+            return spec.name(settings)
+    raise TopicError(f"no declared topic {logical_name!r}")
+
+
+def group_name(settings: Settings, logical_name: str) -> str:
+    """The cluster name of a consumer group, e.g. ``group_name(s, "analysis")``: the workers'
+    analysis stage, which consumes images (its lag is the work waiting)."""
+    return f"{settings.topic_prefix}{logical_name}"
+
+
+@dataclass
+class TopicChange:
+    """One thing ``apply_topics`` did (or would do)."""
+
+    topic: str
+    action: str  # created, partitions, config, unchanged
+    detail: str = ""
+
+
+def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]:
+    """Make the cluster's topics match the declarations; returns what changed."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import (
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        NewPartitions,
+        NewTopic,
+    )
+
+    admin = make_admin(settings)
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        problem = connection_problem(settings, exc)
+        raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {problem}") from None
+    changes: list[TopicChange] = []
+    specs = declared_topics(settings)
+
+    to_create = [s for s in specs if s.name(settings) not in existing]
+    if to_create:
+        futures = admin.create_topics(
+            [NewTopic(s.name(settings), s.partitions, settings.replication_factor, config=s.configs)
+             for s in to_create],
+            operation_timeout=timeout,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+                changes.append(TopicChange(name, "created"))
+            except KafkaException as exc:
+                if exc.args[0].code() != exc.args[0].TOPIC_ALREADY_EXISTS:
+                    raise TopicError(f"creating topic {name} failed: {exc.args[0].str()}") from None
+                changes.append(TopicChange(name, "unchanged", "created concurrently"))
+
+    for spec in specs:
+        name = spec.name(settings)
+        if name not in existing:
+            continue
+        have = len(existing[name].partitions)
+        if have < spec.partitions:
+            future = admin.create_partitions([NewPartitions(name, spec.partitions)])[name]
+            try:
+                future.result()
+            except KafkaException as exc:
+                raise TopicError(f"adding partitions to {name} failed: {exc.args[0].str()}") from None
+            changes.append(TopicChange(name, "partitions", f"{have} -> {spec.partitions}"))
+        resource = ConfigResource(ConfigResource.Type.TOPIC, name)
+        current = admin.describe_configs([resource])[resource].result()
+        differing = {k: v for k, v in spec.configs.items() if k not in current or current[k].value != v}
+        if differing:
+            resource = ConfigResource(
+                ConfigResource.Type.TOPIC, name,
+                incremental_configs=[ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                                     for k, v in differing.items()],
+            )
+            try:
+                admin.incremental_alter_configs([resource])[resource].result()
+            except KafkaException as exc:
+                raise TopicError(f"altering configs of {name} failed: {exc.args[0].str()}") from None
+            changes.append(TopicChange(name, "config", ", ".join(f"{k}={v}" for k, v in differing.items())))
+        elif have >= spec.partitions:
+            changes.append(TopicChange(name, "unchanged"))
+    return changes
+
+
+def list_topics(settings: Settings, timeout: float = 30.0) -> list[dict]:
+    """Declared topics with their state on the cluster (partitions, present or not)."""
+    from confluent_kafka import KafkaException
+
+    try:
+        existing = make_admin(settings).list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        problem = connection_problem(settings, exc)
+        raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {problem}") from None
+    rows = []
+    for spec in declared_topics(settings):
+        name = spec.name(settings)
+        rows.append({
+            "topic": name,
+            "declared_partitions": spec.partitions,
+            "partitions": len(existing[name].partitions) if name in existing else None,
+            "record_types": list(spec.record_types),
+            "configs": spec.configs,
+            "description": spec.description,
+        })
+    return rows

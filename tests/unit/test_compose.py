@@ -1,0 +1,491 @@
+"""docker/compose.yaml describes a deployment that can start: checked without a Docker engine or network.
+
+The file is interpolated the way Compose does (``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``, ``$$``)
+and parsed with PyYAML; then: every service is there, every image is pinned (Kafka and the registry at
+the versions the local launchers pin), every BEAMSTREAM_* name is a real setting with a valid value,
+every Beamstream command parses, Kafka authenticates every listener and lets ACLs decide, and no
+password is written into the file. The real validator, ``docker compose config``, runs too: the Compose
+v2 CLI that ``scripts/install-compose`` builds (or a ``docker compose`` plugin); it needs neither an
+engine nor the network. docker/kafka/*.sh run here against stand-ins for the image's Kafka tools.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import yaml
+
+from beamstream.cli.main import build_parser
+from beamstream.operations import cluster, local_security, registry
+from beamstream.operations.artifacts import load_lock
+from beamstream.platform.settings import ENV_PREFIX, LOCAL_SERVICE_USER, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+KAFKA_SCRIPTS = DOCKER / "kafka"
+INSTALL_COMPOSE = ROOT / "scripts" / "install-compose"
+#: What docker/.env holds in a deployment (docker/new-env writes it); dummies that pass the scripts' checks.
+SECRETS = {
+    "ISPYB_DB_PASSWORD": "test-password-not-used",
+    "KAFKA_ADMIN_PASSWORD": "admin-password-for-tests",
+    "KAFKA_BEAMSTREAM_PASSWORD": "service-password-for-tests",
+    "KAFKA_REGISTRY_PASSWORD": "registry-password-for-tests",
+    "KAFKA_UI_PASSWORD": "kafka-ui-password-for-tests",
+    "DASHBOARD_TOKENS": "staff:token-for-tests",
+}
+#: Variables the environment may hold besides the settings themselves.
+EXTRA_VARIABLES = {f"{ENV_PREFIX}SASL_PASSWORD_FILE", f"{ENV_PREFIX}CONFIG",
+                   f"{ENV_PREFIX}LOCAL_KAFKA_ADMIN_PASSWORD_FILE"}
+SERVICES = {"kafka", "kafka-security", "topics", "schema-registry", "kafka-ui", "mariadb", "ispyb-schema",
+            "worker", "ispyb-sink", "archiver", "gda-feedback", "dashboard", "monitor"}
+ONE_SHOT = {"kafka-security", "topics", "ispyb-schema"}
+#: What docker/kafka/*.sh accept as a password: it goes unquoted into SCRAM and JAAS configuration.
+PASSWORD = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
+_VARIABLE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?)(?P<arg>[^}]*))?\}")
+
+
+def interpolate(text: str, environ: Mapping[str, str]) -> str:
+    """Compose's variable substitution (the forms this project uses; ``$$`` is a literal ``$``)."""
+    def substitute(match: re.Match) -> str:
+        if match[0] == "$$":
+            return "$"
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if environ.get(name):
+            return environ[name]
+        if op == ":?":
+            raise KeyError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+    return _VARIABLE.sub(substitute, text)
+
+
+def load_compose(environ: Mapping[str, str] | None = None) -> dict:
+    return yaml.safe_load(interpolate(COMPOSE.read_text(), SECRETS if environ is None else environ))
+
+
+def env_file(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def beamstream_services(compose: dict) -> dict[str, dict]:
+    return {name: s for name, s in compose["services"].items() if s["image"].startswith("beamstream:")}
+
+
+def service_environment(service: dict) -> dict[str, str]:
+    environ: dict[str, str] = {}
+    for name in service.get("env_file", []):
+        environ.update(env_file(DOCKER / name))
+    environ.update({k: str(v) for k, v in (service.get("environment") or {}).items()})
+    return environ
+
+
+def load_real_settings(environ: Mapping[str, str], secret_dir: Path) -> Settings:
+    """The settings a container with this environment gets, failing on a BEAMSTREAM_* name that is no setting.
+
+    ``*_FILE`` variables name files inside the container (``/run/secrets/...``); they are pointed at
+    dummies under ``secret_dir`` so that :func:`load_settings` can read them. Raises SettingError on a
+    bad value. tests/unit/test_kubernetes_example.py checks its ConfigMap with this too.
+    """
+    fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.__dataclass_fields__}
+    unknown = {key for key in environ if key.startswith(ENV_PREFIX)} - fields - EXTRA_VARIABLES
+    assert not unknown, f"not settings: {sorted(unknown)}"
+    local = dict(environ)
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and key.endswith("_FILE"):
+            dummy = secret_dir / Path(value).name
+            dummy.write_text(f"dummy-{dummy.name}\n")
+            local[key] = str(dummy)
+    return load_settings(local)
+
+
+def server_properties(environ: Mapping[str, str]) -> dict[str, str]:
+    """server.properties as the apache/kafka image writes it from KAFKA_* variables (KafkaDockerWrapper):
+    ``___`` is ``-``, ``__`` is ``_``, ``_`` is ``.``, lower case."""
+    not_properties = {"KAFKA_VERSION", "KAFKA_HEAP_OPTS", "KAFKA_LOG4J_OPTS", "KAFKA_OPTS", "KAFKA_JMX_OPTS",
+                      "KAFKA_JVM_PERFORMANCE_OPTS", "KAFKA_GC_LOG_OPTS", "KAFKA_LOG4J_ROOT_LOGLEVEL",
+                      "KAFKA_LOG4J_LOGGERS", "KAFKA_TOOLS_LOG4J_LOGLEVEL", "KAFKA_JMX_HOSTNAME"}
+    properties = {}
+    for key, value in environ.items():
+        if key.startswith("KAFKA_") and key not in not_properties:
+            name = key[len("KAFKA_"):].replace("___", "-").replace("__", "\0").replace("_", ".").replace("\0", "_")
+            properties[name.lower()] = str(value)
+    return properties
+
+
+def test_every_service_is_declared() -> None:
+    compose = load_compose()
+    assert set(compose["services"]) == SERVICES
+    assert compose["services"]["worker"]["deploy"]["replicas"] >= 1
+    for name, service in compose["services"].items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in compose["services"], f"{name} depends on unknown {dependency}"
+        # A one-shot that restarted would redo its work forever; a service that did not would stay down.
+        assert service.get("restart") == ("no" if name in ONE_SHOT else "unless-stopped"), name
+
+
+def test_passwords_are_required_not_defaulted() -> None:
+    for variable in ("ISPYB_DB_PASSWORD", "KAFKA_REGISTRY_PASSWORD", "KAFKA_UI_PASSWORD"):
+        with pytest.raises(KeyError, match=variable):
+            load_compose({k: v for k, v in SECRETS.items() if k != variable})
+
+
+def test_images_are_pinned_at_the_launchers_versions() -> None:
+    images = {name: s["image"] for name, s in load_compose()["services"].items()}
+    for name, image in images.items():
+        tag = image.rpartition(":")[2]
+        assert ":" in image and tag != "latest" and re.search(r"\d", tag), f"{name}: {image} is not pinned"
+    kafka_version = next(a.version for a in load_lock(cluster.LOCK_FILE)[1] if a.artifact == "kafka_2.13")
+    registry_version = next(a.version for a in load_lock(registry.LOCK_FILE)[1]
+                            if a.artifact == "apicurio-registry-app")
+    assert images["kafka"] == images["kafka-security"] == f"apache/kafka:{kafka_version}"
+    assert images["schema-registry"] == f"apicurio/apicurio-registry:{registry_version}"
+    assert images["kafka-ui"].startswith("ghcr.io/kafbat/kafka-ui:v")
+
+
+def test_settings_names_and_values_are_the_local_ones(tmp_path: Path) -> None:
+    services = beamstream_services(load_compose())
+    assert services, "no service runs the Beamstream image"
+    for name, service in services.items():
+        assert service["env_file"] == ["beamstream.env"], name
+        settings = load_real_settings(service_environment(service), tmp_path)  # SettingError on a bad value
+        assert settings.kafka_bootstrap == "kafka:19092"
+        assert not settings.uses_local_cluster
+        # As the local broker's clients in BEAMSTREAM_LOCAL_KAFKA_SECURITY=scram mode: the same user and mechanism.
+        assert (settings.security_protocol, settings.sasl_mechanism) == ("SASL_PLAINTEXT", local_security.MECHANISM)
+        assert settings.sasl_username == LOCAL_SERVICE_USER
+        assert settings.sasl_password == "dummy-kafka_beamstream_password", f"{name}: password not read from its file"
+    # The UI reads the same registry the services write to.
+    ui = load_compose()["services"]["kafka-ui"]["environment"]
+    assert ui["KAFKA_CLUSTERS_0_SCHEMAREGISTRY"] == env_file(DOCKER / "beamstream.env")[
+        f"{ENV_PREFIX}SCHEMA_REGISTRY_URL"]
+
+
+def test_database_services_get_the_mariadb_url(tmp_path: Path) -> None:
+    services = load_compose()["services"]
+    for name in ("ispyb-schema", "ispyb-sink", "dashboard"):
+        url = load_real_settings(service_environment(services[name]), tmp_path).database_url
+        assert url.startswith("mysql+pymysql://beamstream:") and url.endswith("@mariadb:3306/ispyb"), name
+    assert services["mariadb"]["environment"]["MARIADB_DATABASE"] == "ispyb"
+
+
+def test_commands_parse() -> None:
+    parser = build_parser()
+    for name, service in beamstream_services(load_compose()).items():
+        args = parser.parse_args(service["command"])
+        assert callable(args.func), name
+
+
+def test_dockerfile_installs_every_package() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
+    assert "pip install ." in text
+    assert load_compose()["x-beamstream"]["build"]["dockerfile"] == "docker/Dockerfile"
+    # Every package pyproject.toml installs must be in the build context and copied in: a missing one
+    # builds fine and fails only when its command runs in the container.
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = ["beamstream", *setuptools["package-dir"].values()]  # the folders installed under beamstream.
+    assert "dashboard" in packages
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+    for package in packages:
+        assert f"COPY {package} ./{package}" in text, package
+        assert f"!{package}/" in ignore, package
+
+
+def test_published_ports_bind_loopback_only() -> None:
+    published = {name: s["ports"] for name, s in load_compose()["services"].items() if "ports" in s}
+    assert {"kafka", "schema-registry", "kafka-ui", "dashboard"} <= set(published)
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_kafka_authenticates_every_listener_and_acls_decide() -> None:
+    kafka = load_compose()["services"]["kafka"]
+    properties = server_properties(kafka["environment"])
+    listeners = dict(item.split(":") for item in properties["listener.security.protocol.map"].split(","))
+    assert set(listeners) == {"INTERNAL", "CONTROLLER", "HOST"}
+    assert set(listeners.values()) == {"SASL_PLAINTEXT"}, "a PLAINTEXT listener is anonymous"
+    # The local broker's choices (beamstream/local_security.py): SCRAM for clients and the broker itself,
+    # PLAIN for the controller listener, StandardAuthorizer, one super user.
+    local = local_security.broker_properties(1, 2, "x")
+    for name in ("sasl.enabled.mechanisms", "sasl.mechanism.inter.broker.protocol", "authorizer.class.name",
+                 "allow.everyone.if.no.acl.found", "super.users", "sasl.mechanism.controller.protocol",
+                 "listener.name.controller.sasl.enabled.mechanisms"):
+        assert properties[name] == local[name], name
+    assert properties["inter.broker.listener.name"] == "INTERNAL"
+    for listener in ("internal", "host"):
+        assert "ScramLoginModule required" in properties[f"listener.name.{listener}.scram-sha-512.sasl.jaas.config"]
+    # The broker's own password is resolved from the secret file by Kafka, never written into the file.
+    reference = "${secrets:/run/secrets:kafka_admin_password}"
+    assert properties["config.providers"] == "secrets"
+    assert properties["config.providers.secrets.class"].endswith(".DirectoryConfigProvider")
+    assert properties["config.providers.secrets.param.allowed.paths"] == "/run/secrets"
+    logins = [v for k, v in properties.items() if k.endswith("sasl.jaas.config") and "password=" in v]
+    assert len(logins) == 2  # the broker's SCRAM login and the controller's PLAIN user
+    for login in logins:
+        assert set(re.findall(r'\b(?:password|user_\w+)="([^"]*)"', login)) == {reference}
+    assert "kafka_admin_password" in kafka["secrets"]
+    assert kafka["environment"]["ADMIN_PASSWORD_FILE"] == "/run/secrets/kafka_admin_password"
+
+
+def test_no_password_is_written_into_the_compose_file() -> None:
+    text = COMPOSE.read_text()
+    # Every JAAS password is an interpolation (.env) or a Kafka config provider reference.
+    assert re.findall(r'password="(?!\$)', text) == []
+    raw = yaml.safe_load(text)  # not interpolated: what is literally in the file
+    for name, service in raw["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if key.endswith("PASSWORD") and key != "MARIADB_RANDOM_ROOT_PASSWORD":  # that one is a switch
+                assert str(value).startswith("${"), f"{name}: {key} is written into the file"
+    # Secrets come from .env through Compose, which writes them as files into the containers.
+    compose = load_compose()
+    variables = {s["environment"] for s in compose["secrets"].values()}
+    assert all(set(s) == {"environment"} for s in compose["secrets"].values())
+    generated = env_file_text(subprocess.run(["bash", str(DOCKER / "new-env")], capture_output=True, text=True,
+                                             check=True, timeout=30).stdout)
+    assert variables | {"ISPYB_DB_PASSWORD"} == set(generated)
+    for variable in variables - {"DASHBOARD_TOKENS"}:
+        assert PASSWORD.match(generated[variable]), f"new-env writes a {variable} docker/kafka/*.sh refuse"
+    assert re.match(r"^[A-Za-z0-9_.@-]+:\S{16,}$", generated["DASHBOARD_TOKENS"])
+    assert ".env" in (DOCKER / ".gitignore").read_text().split()
+
+
+def env_file_text(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def test_secret_files_are_mounted_where_they_are_read() -> None:
+    compose = load_compose()
+    for name, service in compose["services"].items():
+        environ = service_environment(service)
+        wanted = {m for v in environ.values() for m in re.findall(r"/run/secrets[/:]+(\w+)", v)}
+        assert wanted <= set(service.get("secrets", [])), f"{name} reads secrets it is not given"
+        assert set(service.get("secrets", [])) <= set(compose["secrets"]), name
+    script = (KAFKA_SCRIPTS / "setup-security.sh").read_text()
+    used = set(re.findall(r"\$secrets/(\w+)", script))
+    assert used and used | {"kafka_admin_password"} == set(compose["services"]["kafka-security"]["secrets"])
+
+
+def test_kafka_users_are_the_ones_the_security_setup_grants() -> None:
+    services = load_compose()["services"]
+    setup = services["kafka-security"]
+    assert setup["env_file"] == ["beamstream.env"], "the topic prefix and service user must be the services' own"
+    prefix = env_file(DOCKER / "beamstream.env")[f"{ENV_PREFIX}TOPIC_PREFIX"]
+    registry_env, ui_env = services["schema-registry"]["environment"], services["kafka-ui"]["environment"]
+    jaas = {"registry": registry_env["apicurio.kafka.common.sasl.jaas.config"],
+            "ui": ui_env["KAFKA_CLUSTERS_0_PROPERTIES_SASL_JAAS_CONFIG"]}
+    assert re.search(r'username="([^"]+)"', jaas["registry"])[1] == setup["environment"]["REGISTRY_USER"]
+    assert re.search(r'username="([^"]+)"', jaas["ui"])[1] == setup["environment"]["UI_USER"]
+    assert registry_env["apicurio.kafka.common.sasl.mechanism"] == local_security.MECHANISM
+    assert ui_env["KAFKA_CLUSTERS_0_PROPERTIES_SASL_MECHANISM"] == local_security.MECHANISM
+    # The registry's ACLs cover ${prefix}registry-*: its topics and consumer groups must be named so.
+    for key in ("APICURIO_KAFKASQL_TOPIC", "APICURIO_KAFKASQL_SNAPSHOTS_TOPIC",
+                "APICURIO_KAFKASQL_CONSUMER_GROUP_PREFIX"):
+        assert registry_env[key].startswith(f"{prefix}registry-"), key
+    for name in ("schema-registry", "kafka-ui", "topics"):
+        assert services[name]["depends_on"]["kafka-security"]["condition"] == "service_completed_successfully"
+
+
+def test_dashboard_token_comes_from_a_secret_file_and_health_is_checked() -> None:
+    dashboard = load_compose()["services"]["dashboard"]
+    args = build_parser().parse_args(dashboard["command"])
+    assert args.host == "0.0.0.0"  # inside the container; the host side binds loopback
+    assert dashboard["ports"] == [f"127.0.0.1:{args.port}:{args.port}"]
+    token_file = dashboard["environment"][f"{ENV_PREFIX}DASHBOARD_TOKEN_FILE"]
+    assert token_file == "/run/secrets/dashboard_tokens" and "dashboard_tokens" in dashboard["secrets"]
+    assert f"{ENV_PREFIX}DASHBOARD_TOKEN" not in dashboard["environment"]
+    assert not any("token" in str(part).lower() for part in dashboard["command"])
+    check = " ".join(dashboard["healthcheck"]["test"])
+    assert check.startswith("CMD python -c") and f"127.0.0.1:{args.port}/api/health" in check
+    assert '"/api/health"' in (ROOT / "dashboard" / "web.py").read_text()
+
+
+def test_monitor_only_observes_in_compose() -> None:
+    monitor = load_compose()["services"]["monitor"]
+    # Compose cannot be scaled from inside; the operator runs `docker compose up --scale worker=N`.
+    assert monitor["command"][:1] == ["monitor"] and "--observe-only" in monitor["command"]
+
+
+# -- docker/kafka/*.sh against stand-ins for the image's Kafka tools ---------------------------------------
+
+def _stand_in(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def _kafka_environment(tmp_path: Path, password: str) -> dict[str, str]:
+    kafka = load_compose()["services"]["kafka"]["environment"]
+    (tmp_path / "admin_password").write_text(password)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    # kafka-run-class.sh stand-in: records its arguments and the @file, and formats like the storage tool.
+    _stand_in(tmp_path / "kafka" / "bin" / "kafka-run-class.sh", f"""
+printf '%s\\n' "$@" >> {tmp_path}/run-class.argv
+case "$1" in @*) cp "${{1#@}}" {tmp_path}/format.args ;; esac
+touch {data}/meta.properties
+""")
+    _stand_in(tmp_path / "image-run", f"echo started > {tmp_path}/started\n")
+    return {"PATH": os.environ["PATH"], **{k: str(v) for k, v in kafka.items()},
+            "KAFKA_LOG_DIRS": str(data), "ADMIN_PASSWORD_FILE": str(tmp_path / "admin_password"),
+            "IMAGE_KAFKA_HOME": str(tmp_path / "kafka"), "IMAGE_RUN": str(tmp_path / "image-run")}
+
+
+def _run(script: str, environ: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(KAFKA_SCRIPTS / script)], env=environ, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_kafka_start_formats_once_with_the_admin_credential_off_the_command_line(tmp_path: Path) -> None:
+    password = SECRETS["KAFKA_ADMIN_PASSWORD"]
+    environ = _kafka_environment(tmp_path, password)
+    done = _run("start.sh", environ)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "started").exists()
+    argv = (tmp_path / "run-class.argv").read_text().split()
+    assert len(argv) == 1 and argv[0].startswith("@"), argv
+    assert password not in (tmp_path / "run-class.argv").read_text()
+    assert not Path(argv[0][1:]).exists(), "the argument file holding the password was left behind"
+    arguments = (tmp_path / "format.args").read_text().splitlines()
+    assert arguments[:2] == ["kafka.tools.StorageTool", "format"]
+    assert f"--cluster-id={environ['CLUSTER_ID']}" in arguments
+    assert f"SCRAM-SHA-512=[name=admin,password={password}]" in arguments
+    # Started again on the same volume: no second format.
+    (tmp_path / "run-class.argv").unlink()
+    (tmp_path / "started").unlink()
+    assert _run("start.sh", environ).returncode == 0 and (tmp_path / "started").exists()
+    assert not (tmp_path / "run-class.argv").exists()
+
+
+def test_kafka_start_refuses_what_would_not_work(tmp_path: Path) -> None:
+    for bad in ("short", SECRETS["KAFKA_ADMIN_PASSWORD"] + "\n", 'has"quote-in-it-0000'):
+        environ = _kafka_environment(tmp_path, bad)
+        done = _run("start.sh", environ)
+        assert done.returncode == 1 and "must hold at least 16 characters" in done.stderr, bad
+        assert not (tmp_path / "run-class.argv").exists()
+    # A volume formatted without SCRAM (compose before SASL): the broker could not log in to itself.
+    environ = _kafka_environment(tmp_path, SECRETS["KAFKA_ADMIN_PASSWORD"])
+    (Path(environ["KAFKA_LOG_DIRS"]) / "meta.properties").touch()
+    done = _run("start.sh", environ)
+    assert done.returncode == 1 and "formatted without SCRAM credentials" in done.stderr
+    assert not (tmp_path / "started").exists()
+
+
+def test_kafka_security_grants_the_local_acls_without_passwords_on_command_lines(tmp_path: Path) -> None:
+    compose = load_compose()
+    setup = compose["services"]["kafka-security"]
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for name in setup["secrets"]:
+        (secrets / name).write_text(SECRETS[compose["secrets"][name]["environment"]])
+    for tool in ("kafka-configs.sh", "kafka-acls.sh"):
+        # Records each call's arguments, one line per call, and what a --add-config-file held.
+        _stand_in(tmp_path / "kafka" / "bin" / tool, f"""
+echo "$*" >> {tmp_path}/{tool}.calls
+prev=""; for a in "$@"; do [ "$prev" = --add-config-file ] && cat "$a" >> {tmp_path}/scram.added; prev="$a"; done
+""")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    environ = {"PATH": os.environ["PATH"], "TMPDIR": str(scratch), **env_file(DOCKER / "beamstream.env"),
+               **{k: str(v) for k, v in setup["environment"].items()},
+               "IMAGE_KAFKA_HOME": str(tmp_path / "kafka"), "SECRETS_DIR": str(secrets)}
+    done = _run("setup-security.sh", environ)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "kafka-configs.sh.calls").read_text() + (tmp_path / "kafka-acls.sh.calls").read_text()
+    for secret in SECRETS.values():
+        assert secret not in calls and secret not in done.stdout + done.stderr
+    assert "--command-config /opt/beamstream/admin-client.properties" in calls
+    assert f"--bootstrap-server {env_file(DOCKER / 'beamstream.env')[f'{ENV_PREFIX}BOOTSTRAP_SERVERS']}" in calls
+    # kafka-configs.sh --add-config-file takes `mechanism=password=...` (checked against Kafka 3.9's ConfigCommand).
+    added = (tmp_path / "scram.added").read_text().splitlines()
+    assert added == [f"SCRAM-SHA-512=password={SECRETS[v]}" for v in
+                     ("KAFKA_BEAMSTREAM_PASSWORD", "KAFKA_REGISTRY_PASSWORD", "KAFKA_UI_PASSWORD")]
+    assert list(scratch.iterdir()) == [], "the file that held the passwords was left behind"
+    # The service user gets what beamstream/local_security.service_acls gives it on the local broker.
+    prefix, user = environ[f"{ENV_PREFIX}TOPIC_PREFIX"], environ[f"{ENV_PREFIX}SASL_USERNAME"]
+    acls = (tmp_path / "kafka-acls.sh.calls").read_text().splitlines()
+    service = [line.split() for line in acls if f"--allow-principal User:{user} " in line]
+    flags = {"TOPIC": "--topic", "GROUP": "--group", "TRANSACTIONAL_ID": "--transactional-id", "BROKER": "--cluster"}
+    operations = {"ALL": "All", "IDEMPOTENT_WRITE": "IdempotentWrite"}
+    for binding in local_security.service_acls(prefix):
+        flag, operation = flags[binding.restype.name], operations[binding.operation.name]
+        assert any(flag in call and call[call.index("--operation") + 1] == operation
+                   and (flag == "--cluster" or (call[call.index(flag) + 1] == binding.name
+                                                and "prefixed" in call)) for call in service), binding
+    ui = [line for line in acls if f"User:{environ['UI_USER']} " in line]
+    assert ui and not any(op in line for line in ui for op in ("All", "Write", "Alter", "Create", "Delete"))
+
+
+# -- the real validator ----------------------------------------------------------------------------------------
+
+def _compose_command() -> list[str] | None:
+    """scripts/install-compose's binary, else a `docker compose` plugin, else a v2 `docker-compose`."""
+    version = re.search(r"^VERSION=(\S+)$", INSTALL_COMPOSE.read_text(), re.M)[1]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "beamstream" / "compose" / version
+    built = Path(os.environ.get("BEAMSTREAM_COMPOSE_DIR") or cache) / "docker-compose"
+    if os.access(built, os.X_OK):
+        return [str(built)]
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]):
+            done = subprocess.run([*command, "version"], capture_output=True, text=True, timeout=30)
+            if done.returncode == 0 and re.search(r"\bv?2\.", done.stdout):
+                return command
+    return None
+
+
+COMPOSE_CLI = _compose_command()
+needs_compose = pytest.mark.skipif(
+    COMPOSE_CLI is None, reason="Docker Compose v2 is not installed (scripts/install-compose builds it; needs Go)")
+
+
+def compose_config(compose_file: Path, tmp_path: Path, environ: Mapping[str, str] = SECRETS,
+                   ) -> subprocess.CompletedProcess:
+    """`docker compose config` with only `environ` as the .env: no operator's docker/.env, no COMPOSE_* of ours."""
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_") and k not in SECRETS}
+    return subprocess.run([*COMPOSE_CLI, "--env-file", str(empty), "-f", str(compose_file), "config",
+                           "--format", "json"], env={**env, **environ}, capture_output=True, text=True, timeout=60)
+
+
+@needs_compose
+def test_docker_compose_config_accepts_it(tmp_path: Path) -> None:
+    done = compose_config(COMPOSE, tmp_path)
+    assert done.returncode == 0, done.stderr
+    normalised = json.loads(done.stdout)
+    assert set(normalised["services"]) == SERVICES
+    for name, service in normalised["services"].items():
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", name
+    assert {s["environment"] for s in normalised["secrets"].values()} == set(SECRETS) - {"ISPYB_DB_PASSWORD"}
+    # `$$` reaches the container as `$`: Kafka, not Compose, resolves the admin password.
+    kafka = normalised["services"]["kafka"]["environment"]
+    jaas = kafka["KAFKA_LISTENER_NAME_INTERNAL_SCRAM___SHA___512_SASL_JAAS_CONFIG"]
+    assert "{secrets:/run/secrets:kafka_admin_password}" in jaas and SECRETS["KAFKA_ADMIN_PASSWORD"] not in jaas
+
+
+@needs_compose
+def test_docker_compose_config_rejects_a_broken_file(tmp_path: Path) -> None:
+    copy = tmp_path / "deploy"
+    shutil.copytree(DOCKER, copy, ignore=shutil.ignore_patterns(".env", "kubernetes"))
+    assert compose_config(copy / "compose.yaml", tmp_path).returncode == 0  # the copy itself is valid
+    broken = copy / "compose.yaml"
+    broken.write_text(broken.read_text().replace("  worker:\n", "  worker:\n    replicaz: 3\n", 1))
+    done = compose_config(broken, tmp_path)
+    assert done.returncode != 0 and "replicaz" in done.stderr
+
+
+@needs_compose
+def test_docker_compose_config_requires_the_database_password(tmp_path: Path) -> None:
+    done = compose_config(COMPOSE, tmp_path, {k: v for k, v in SECRETS.items() if k != "ISPYB_DB_PASSWORD"})
+    assert done.returncode != 0 and "put ISPYB_DB_PASSWORD in docker/.env" in done.stderr
