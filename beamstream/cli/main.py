@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [BeamstreamError]
-    for module, name in (("beamstream.diffraction.errors", "DiffractionError"), ("beamstream.schemas.serde", "SerdeError")):
+    for module, name in (("beamstream.diffraction.errors", "DiffractionError"),
+                         ("beamstream.schemas.serde", "SerdeError")):
         try:
             errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

@@ -21,7 +21,7 @@ from pathlib import Path
 from beamstream.errors import BeamstreamError
 from beamstream.operations import local_security
 from beamstream.operations.artifacts import fetch_artifacts, load_lock
-from beamstream.platform.processes import alive, kill_process, port_is_free, stop_process, tail_file
+from beamstream.platform.processes import PidFile, require_free_ports, tail_file
 from beamstream.platform.settings import LOCAL_SERVICE_USER, Settings
 
 LOCK_FILE = Path(__file__).with_name("kafka-artifacts.json")
@@ -107,6 +107,7 @@ class LocalCluster:
         self.data_dir = self.root / "data"
         self.log_dir = self.root / "logs"
         self.pid_file = self.root / "kafka.pid"
+        self._pid_record = PidFile(self.pid_file, b"kafka.Kafka")
         self.config_file = self.root / "server.properties"
         self.log_file = self.log_dir / "server.log"
         self.security = settings.local_kafka_security
@@ -125,23 +126,7 @@ class LocalCluster:
 
     def pid(self) -> int | None:
         """The broker's pid if it is running (a stale pid file is ignored)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return pid
-        if not cmdline:  # inside execve() right after Popen (or a zombie): not yet recognisable
-            return pid if alive(pid) else None
-        return pid if b"kafka.Kafka" in cmdline else None
+        return self._pid_record.running_pid()
 
     def status(self) -> ClusterStatus:
         pid = self.pid()
@@ -169,8 +154,7 @@ class LocalCluster:
                 raise ClusterError("the local cluster is running: run `beamstream cluster down --reset` first")
             self._wait_ready(time.monotonic() + START_TIMEOUT_S)
             return self.status()
-        for port in (self.port, self.controller_port):
-            _check_port_free(port)
+        require_free_ports((self.port, self.controller_port), "BEAMSTREAM_LOCAL_KAFKA_PORT", ClusterError)
         java = find_java()
         jars = fetch_artifacts(self.artifacts, self.settings.cache_dir / "maven", self.repository,
                                progress=progress)
@@ -201,20 +185,14 @@ class LocalCluster:
 
     def down(self, reset: bool = False) -> bool:
         """Stop the broker cleanly (SIGTERM, then SIGKILL after a timeout). True if one was running."""
-        pid = self.pid()
-        if pid is not None:
-            stop_process(pid, STOP_TIMEOUT_S)
-        self.pid_file.unlink(missing_ok=True)
+        was_running = self._pid_record.stop(STOP_TIMEOUT_S)
         if reset:
             self.reset()
-        return pid is not None
+        return was_running
 
     def kill(self) -> None:
         """Kill the broker with SIGKILL (crash tests): no clean shutdown."""
-        pid = self.pid()
-        if pid is not None:
-            kill_process(pid)
-        self.pid_file.unlink(missing_ok=True)
+        self._pid_record.kill()
 
     def reset(self) -> None:
         """Delete all topic data and metadata (the cluster must be stopped)."""
@@ -361,7 +339,7 @@ class LocalCluster:
                 cwd=self.root,
                 start_new_session=True,  # survives the CLI that started it
             )
-        self.pid_file.write_text(str(process.pid))
+        self._pid_record.record(process.pid)
         self._process = process
 
     def _wait_ready(self, deadline: float) -> None:
@@ -397,10 +375,3 @@ class _SilentLogger:
 def _argfile_quote(argument: str) -> str:
     """One argument of a java launcher @file: double-quoted, backslashes and quotes escaped."""
     return '"' + argument.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-
-def _check_port_free(port: int) -> None:
-    if not port_is_free(port):
-        raise ClusterError(f"port {port} on 127.0.0.1 is taken by another process; "
-                           "choose another with BEAMSTREAM_LOCAL_KAFKA_PORT")

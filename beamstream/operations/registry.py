@@ -28,7 +28,7 @@ from pathlib import Path
 from beamstream.errors import BeamstreamError
 from beamstream.operations.artifacts import Artifact, fetch_artifacts, load_lock
 from beamstream.operations.cluster import find_java
-from beamstream.platform.processes import alive, port_is_free, stop_process, tail_file
+from beamstream.platform.processes import PidFile, require_free_ports, tail_file
 from beamstream.platform.settings import Settings
 
 LOCK_FILE = Path(__file__).with_name("registry-artifacts.json")
@@ -75,6 +75,7 @@ class LocalRegistry:
         self.log_file = self.log_dir / "registry.log"
         self.tmp_dir = self.root / "tmp"
         self.pid_file = self.root / "registry.pid"
+        self._pid_record = PidFile(self.pid_file, b"apicurio-registry-app")
         self.port = settings.local_registry_port
         self.repository, artifacts = load_lock(LOCK_FILE)
         self.artifact: Artifact = next(a for a in artifacts if a.artifact == "apicurio-registry-app")
@@ -95,22 +96,7 @@ class LocalRegistry:
 
     def pid(self) -> int | None:
         """The registry's pid if it is running (a stale pid file is ignored)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            if not alive(pid):
-                return None
-        except PermissionError:  # a stale pid file naming someone else's process
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return pid
-        # Empty while the process is still inside execve() right after Popen: not yet
-        # recognisable, but alive (zombies were ruled out above).
-        return pid if not cmdline or b"apicurio-registry-app" in cmdline else None
+        return self._pid_record.running_pid()
 
     def status(self) -> RegistryStatus:
         """Whether the registry runs, where, and which version."""
@@ -134,7 +120,7 @@ class LocalRegistry:
         if self.pid() is not None:
             self._wait_ready(time.monotonic() + START_TIMEOUT_S)
             return self.status()
-        _check_port_free(self.port)
+        require_free_ports((self.port,), "BEAMSTREAM_LOCAL_REGISTRY_PORT", RegistryError)
         java = find_java()
         self.install(progress=progress)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -150,12 +136,9 @@ class LocalRegistry:
 
     def down(self) -> bool:
         """Stop the registry (SIGTERM, then SIGKILL after a timeout). True if one was running."""
-        pid = self.pid()
-        if pid is not None:
-            stop_process(pid, STOP_TIMEOUT_S)
-        self.pid_file.unlink(missing_ok=True)
+        was_running = self._pid_record.stop(STOP_TIMEOUT_S)
         self._process = None
-        return pid is not None
+        return was_running
 
     def install(self, progress: bool = True) -> Path:
         """Download (checksum-verified) and unpack the pinned distribution once; return the runner jar."""
@@ -226,7 +209,7 @@ class LocalRegistry:
                 cwd=self.root,
                 start_new_session=True,  # survives the CLI that started it
             )
-        self.pid_file.write_text(str(process.pid))
+        self._pid_record.record(process.pid)
         self._process = process
 
     def _wait_ready(self, deadline: float) -> None:
@@ -266,9 +249,3 @@ def _unpack(archive: Path, target: Path) -> None:
                 tar.extractall(target, members=members)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise RegistryError(f"unpacking {archive} failed: {exc}") from None
-
-
-def _check_port_free(port: int) -> None:
-    if not port_is_free(port):
-        raise RegistryError(f"port {port} on 127.0.0.1 is taken by another process; "
-                           "choose another with BEAMSTREAM_LOCAL_REGISTRY_PORT")

@@ -18,7 +18,6 @@ it unconditionally, whether or not anybody serves the metrics.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 from prometheus_client import (
@@ -243,20 +242,6 @@ def feedback_skipped(error_type: str) -> None:
 def log_record_dropped(reason: str) -> None:
     """One log record not shipped to the log topic (``queue_full``, ``delivery_failed``, ``error``)."""
     LOG_RECORDS_DROPPED.labels(reason=reason).inc()
-
-
-def port_number(text: str) -> int:
-    """argparse type of ``--metrics-port``: a TCP port, 1 to 65535."""
-    if not text.strip().isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port number (1-65535), got {text!r}")
-    return int(text)
-
-
-def add_port_option(parser: argparse.ArgumentParser) -> None:
-    """The ``--metrics-port`` option of a long-running service, worded as the worker's."""
-    parser.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
-                        help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics (default: "
-                        "$BEAMSTREAM_METRICS_PORT, else off)")
 
 
 def metrics_port(option: int | None = None) -> int | None:

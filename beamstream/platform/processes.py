@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from beamstream.platform.settings import Settings
@@ -57,6 +58,70 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def require_free_ports(ports: Iterable[int], setting: str, error: type[Exception]) -> None:
+    """Raise ``error`` naming the first of ``ports`` taken on 127.0.0.1 and ``setting``, where to choose another."""
+    for port in ports:
+        if not port_is_free(port):
+            raise error(f"port {port} on 127.0.0.1 is taken by another process; choose another with {setting}")
+
+
+class PidFile:
+    """The pid file of a background process this user started and left running (the local Kafka broker,
+    the schema registry): one rule, for every launcher, for whether the process it names still runs."""
+
+    def __init__(self, path: Path, marker: bytes) -> None:
+        self.path = path
+        #: Part of the process's command line (``b"kafka.Kafka"``): tells ours from a reused pid.
+        self.marker = marker
+
+    def running_pid(self) -> int | None:
+        """The recorded pid while that process runs and is ours; None for a missing, garbled or stale file."""
+        try:
+            pid = int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if pid <= 0:  # os.kill() would take 0 as our own process group and -1 as every process we may signal
+            return None
+        try:
+            if not alive(pid):
+                return None
+        except PermissionError:
+            # The pid runs but belongs to another user, so it is not the process we started (the launcher
+            # runs it as us, from a pid file under our own home): the pid was reused after a reboot or a
+            # crash. Calling the file stale lets `up` start again, and its port check still refuses if
+            # something really listens there; calling it running would leave `up` waiting for a server
+            # that never answers, `down` failing to signal it and `reset` refusing, until the file is
+            # deleted by hand.
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return pid  # no /proc to ask (macOS): a live pid of ours is the best evidence there is
+        # Empty while the process is still inside execve() right after Popen: not yet recognisable, but
+        # alive (zombies were ruled out above). Any other command line means the pid was reused.
+        return pid if not cmdline or self.marker in cmdline else None
+
+    def record(self, pid: int) -> None:
+        """Remember ``pid`` as the running process."""
+        self.path.write_text(str(pid))
+
+    def stop(self, timeout_s: float) -> bool:
+        """SIGTERM the recorded process (SIGKILL after ``timeout_s``) and forget it; True if it was running."""
+        pid = self.running_pid()
+        if pid is not None:
+            stop_process(pid, timeout_s)
+        self.path.unlink(missing_ok=True)
+        return pid is not None
+
+    def kill(self) -> bool:
+        """SIGKILL the recorded process (no clean shutdown) and forget it; True if it was running."""
+        pid = self.running_pid()
+        if pid is not None:
+            kill_process(pid)
+        self.path.unlink(missing_ok=True)
+        return pid is not None
 
 
 def tail_file(path: Path, lines: int = 50) -> str:

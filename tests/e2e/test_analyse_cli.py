@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from beamstream.cli.commands import analyse
 from beamstream.diffraction.analysis import IMAGE_ANALYSIS_FIELDS
 from beamstream.diffraction.synthetic import SyntheticSpec, generate_frames
 from beamstream.diffraction.writers import write_nexus
-
-from beamstream.cli.commands import analyse
 from beamstream.errors import BeamstreamError
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -22,7 +22,7 @@ FIELDS = {"file", "image_number", *IMAGE_ANALYSIS_FIELDS}
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     """Run ``beamstream analyse`` in a fresh interpreter (the main CLI once it registers the command)."""
-    from beamstream.cli import cli as main_cli
+    from beamstream.cli import main as main_cli
 
     if "analyse" in getattr(main_cli, "COMMAND_MODULES", ()):
         command = [sys.executable, "-m", "beamstream", "analyse", *args]
@@ -105,7 +105,6 @@ def test_resolution_and_threshold_options_reach_the_analysis(series, capsys):
         (["{series}:3-1"], "runs backwards"),
         (["{series}", "--d-min", "-1"], "d_min must be > 0"),
         (["{series}", "--d-min", "3", "--d-max", "2"], "d_min = 3.0 > d_max = 2.0"),
-        (["{series}", "--nproc", "0"], "--nproc must be at least 1"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(series, capsys, argv, message):
@@ -116,11 +115,16 @@ def test_bad_arguments_exit_2_with_one_line(series, capsys, argv, message):
     assert captured.err.startswith("beamstream analyse: error: ")
 
 
-def test_argparse_errors_are_one_line_too(capsys):
+@pytest.mark.parametrize(("argv", "message"), [
+    (["x.cbf", "--threshold", "bogus"], "argument --threshold: invalid choice"),
+    (["x.cbf", "--nproc", "0"], "argument --nproc: must be at least 1, got 0"),
+])
+def test_argparse_errors_are_one_line_too(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        analyse.main(["x.cbf", "--threshold", "bogus"])
+        analyse.main(argv)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
 
 
 def test_image_selection_syntax():

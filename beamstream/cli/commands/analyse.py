@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from beamstream.cli.commands.output import print_table
+from beamstream.cli.params import positive_int
 from beamstream.diffraction.errors import DiffractionError
 from beamstream.errors import BeamstreamError
 
@@ -67,7 +68,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("inputs", nargs="+", metavar="FILE[:IMAGES]", help="image file, optionally with images")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N", help="analyse N images at once (default 1)")
+    parser.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                        help="analyse N images at once (default 1)")
     parser.add_argument("--d-min", type=float, metavar="ANGSTROM", help="ignore pixels beyond this resolution")
     parser.add_argument("--d-max", type=float, metavar="ANGSTROM", help="ignore pixels inside this resolution")
     parser.add_argument(
@@ -135,8 +137,6 @@ def make_params(args: argparse.Namespace):
     """SpotFindingParams from the options (raises a DiffractionError for values DIALS would reject)."""
     from beamstream.diffraction.analysis import SpotFindingParams
 
-    if args.nproc < 1:
-        raise BeamstreamError(f"--nproc must be at least 1, got {args.nproc}")
     if args.backend == "dials":
         from beamstream.diffraction.dials_backend import dials_available
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
 from beamstream.platform import metrics
-from beamstream.platform.logs import configure_json_logging
 from beamstream.platform.settings import load_settings
 
 
@@ -19,8 +18,7 @@ def register(subparsers) -> None:
         "(path, size, SHA-256; Eiger data files included) next to the data, or under BEAMSTREAM_ARCHIVE_ROOT, "
         "and emit one ArchiveComplete event on the archive topic. Runs until SIGTERM/Ctrl-C. Logs are JSON lines.",
     )
-    parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
-    metrics.add_port_option(parser)
+    add_service_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -29,11 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from beamstream.connectors.archiver import Archiver
 
     settings = load_settings()
-    port = metrics.metrics_port(args.metrics_port)
-    configure_json_logging("archiver", getattr(logging, args.log_level.upper()), settings=settings)
-    if port is not None:
-        metrics.serve(port, registry=metrics.ARCHIVER_REGISTRY)  # a daemon thread; it goes with the process
+    start_service_logging_and_metrics(args, "archiver", settings, metrics.ARCHIVER_REGISTRY)
     archiver = Archiver(settings)
-    archiver.install_signal_handlers()
-    archiver.run()
+    # A signal sets the archiver's own event: it also interrupts a manifest's hashing in progress.
+    run_stoppable(lambda _stop: archiver.run(), stop=archiver.stop_event)
     return 0

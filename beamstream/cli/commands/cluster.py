@@ -7,6 +7,7 @@ import sys
 import time
 
 from beamstream.cli.commands.output import add_json_flag, print_json
+from beamstream.cli.params import positive_int
 from beamstream.operations.cluster import LocalCluster
 from beamstream.platform.settings import load_settings
 
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
     status = actions.add_parser("status", help="is it running, where, with which data")
     add_json_flag(status)
     logs = actions.add_parser("logs", help="show the broker log")
-    logs.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    logs.add_argument("-n", "--lines", type=positive_int, default=50, help="how many lines (default 50)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     parser.set_defaults(func=run)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import threading
 
+from beamstream.cli.params import port_or_zero
+from beamstream.cli.service import run_stoppable
 from beamstream.platform.logs import configure_json_logging
 from beamstream.platform.settings import load_settings
 
@@ -21,27 +24,36 @@ def register(subparsers) -> None:
         "Logs are JSON lines; stop with SIGTERM or Ctrl-C.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    parser.add_argument("--port", type=port_or_zero, default=8080,
+                        help="port to listen on (default 8080; 0 picks a free one)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT."""
     from beamstream.dashboard.auth import AuthError, staff_tokens
-    from beamstream.dashboard.server import run_forever
+    from beamstream.dashboard.server import DashboardServer
     from beamstream.errors import BeamstreamError
 
-    if not 0 <= args.port < 65536:
-        raise BeamstreamError(f"--port must be between 0 and 65535, got {args.port}")
     settings = load_settings()
     try:
         mode = "actions enabled" if staff_tokens(settings) else "read-only (no staff token configured)"
     except AuthError as exc:
         raise BeamstreamError(f"BEAMSTREAM_DASHBOARD_TOKEN_FILE: {exc.reason}") from None
+    # No --log-level or --metrics-port here: the dashboard serves /metrics on its own port, and
+    # BEAMSTREAM_METRICS_PORT (set for a deployment's services) must not open a second one.
     configure_json_logging("dashboard", settings=settings)
+
+    def serve(stop: threading.Event) -> None:
+        server = DashboardServer(settings, args.host, args.port).start()
+        try:
+            print(f"dashboard: {server.url} ({mode})", flush=True)
+            stop.wait()
+        finally:
+            server.stop()
+
     try:
-        run_forever(settings, args.host, args.port,
-                    on_ready=lambda url: print(f"dashboard: {url} ({mode})", flush=True))
-    except OSError as exc:
+        run_stoppable(serve)
+    except OSError as exc:  # the port is taken or not ours to bind
         raise BeamstreamError(str(exc)) from None
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from beamstream.cli.heatmap import render_heat_map
+from beamstream.cli.params import port_or_zero, positive_float, positive_int
 from beamstream.errors import BeamstreamError
 from beamstream.operations.cluster import LocalCluster
 from beamstream.platform.processes import ServiceProcess
@@ -34,13 +35,13 @@ def register(subparsers) -> None:
         "detector rate, announced by the file watcher) and print the spot-count heat map and the "
         "X-ray centre as the pipeline computed them.",
     )
-    parser.add_argument("--rows", type=int, default=8, help="grid rows (default 8)")
-    parser.add_argument("--cols", type=int, default=10, help="grid columns (default 10)")
-    parser.add_argument("--rate", type=float, default=20.0, metavar="HZ", help="image rate (default 20 Hz)")
-    parser.add_argument("--workers", type=int, default=2, help="analysis worker processes (default 2)")
+    parser.add_argument("--rows", type=positive_int, default=8, help="grid rows (default 8)")
+    parser.add_argument("--cols", type=positive_int, default=10, help="grid columns (default 10)")
+    parser.add_argument("--rate", type=positive_float, default=20.0, metavar="HZ", help="image rate (default 20 Hz)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="analysis worker processes (default 2)")
     parser.add_argument("--detector", default="eiger2-1m", help="simulated detector (default eiger2-1m)")
     parser.add_argument("--seed", type=int, default=7, help="crystal position seed (default 7)")
-    parser.add_argument("--dashboard-port", type=int, default=8080, metavar="PORT",
+    parser.add_argument("--dashboard-port", type=port_or_zero, default=8080, metavar="PORT",
                         help="port of the web dashboard (default 8080; 0 picks a free one)")
     parser.add_argument("--no-dashboard", action="store_true", help="do not serve the web dashboard")
     parser.set_defaults(func=run)
@@ -59,8 +60,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo."""
     from beamstream.producers.simulator import simulate_gridscan
 
-    if args.rows < 1 or args.cols < 1 or args.workers < 1 or not args.rate > 0:
-        raise BeamstreamError("--rows, --cols and --workers must be at least 1 and --rate positive")
     settings = load_settings()
     ensure_cluster(settings)
     changes = apply_topics(settings)

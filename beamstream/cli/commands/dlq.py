@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from beamstream.cli.commands.options import add_yes_flag, confirm, parse_time
+from beamstream.cli.commands.options import add_yes_flag, confirm
 from beamstream.cli.commands.output import add_json_flag, print_json, print_table
+from beamstream.cli.params import iso_time
 from beamstream.platform import dlq
 from beamstream.platform.settings import load_settings
 
@@ -27,7 +28,8 @@ def register(subparsers) -> None:
 
     listing = actions.add_parser("list", help="one line per dead letter")
     listing.add_argument("--service", metavar="S", help="only dead letters of service S (e.g. worker, archiver)")
-    listing.add_argument("--since", metavar="ISO", help="only dead letters that failed at or after this time")
+    listing.add_argument("--since", type=iso_time, metavar="ISO",
+                         help="only dead letters that failed at or after this time")
     add_json_flag(listing)
 
     show = actions.add_parser("show", help="everything about one dead letter, its payload decoded")
@@ -51,7 +53,7 @@ def register(subparsers) -> None:
         "at an offset (delete_records) after a JSON copy of every dead letter below it is written under "
         "<home>/dlq-purged/. With --before, a partition is cut at its first dead letter that failed at or "
         "after that time.")
-    purge.add_argument("--before", metavar="ISO", help="only dead letters that failed before this time")
+    purge.add_argument("--before", type=iso_time, metavar="ISO", help="only dead letters that failed before this time")
     add_yes_flag(purge)
     parser.set_defaults(func=run)
 
@@ -62,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    since = parse_time(args.since, "--since") if args.since else None
     scan = dlq.read_dead_letters(load_settings())
-    entries = [e for e in scan.entries if e.of_service(args.service) and (since is None or e.failed_at >= since)]
+    entries = [e for e in scan.entries
+               if e.of_service(args.service) and (args.since is None or e.failed_at >= args.since)]
     rows = [e.row() for e in entries]
     if args.json:
         print_json(rows)
@@ -129,9 +131,8 @@ def _reinject(args: argparse.Namespace) -> int:
 
 
 def _purge(args: argparse.Namespace) -> int:
-    before = parse_time(args.before, "--before") if args.before else None
     settings = load_settings()
-    plan = dlq.plan_purge(dlq.read_dead_letters(settings), before)
+    plan = dlq.plan_purge(dlq.read_dead_letters(settings), args.before)
     if not plan.entries:
         print("nothing to purge")
         return 0

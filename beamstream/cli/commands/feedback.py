@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
 from beamstream.platform import metrics
-from beamstream.platform.logs import configure_json_logging
 from beamstream.platform.settings import load_settings
 
 
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     parser.add_argument("--udp", required=True, metavar="HOST:PORT", help="where GDA listens")
     parser.add_argument("--from-beginning", action="store_true",
                         help="replay every retained result (a fresh consumer group) instead of new ones")
-    metrics.add_port_option(parser)
+    add_service_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -31,12 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     address = parse_address(args.udp)
     settings = load_settings()
-    port = metrics.metrics_port(args.metrics_port)
-    configure_json_logging("gda-feedback", settings=settings)
-    if port is not None:
-        metrics.serve(port, registry=metrics.FEEDBACK_REGISTRY)  # a daemon thread; it goes with the process
+    start_service_logging_and_metrics(args, "gda-feedback", settings, metrics.FEEDBACK_REGISTRY)
     feedback = GdaFeedback(settings, address, from_beginning=args.from_beginning)
-    feedback.install_signal_handlers()
-    sent = feedback.run()
+    sent, _signal = run_stoppable(lambda _stop: feedback.run(), stop=feedback.stop_event)
     print(f"sent {sent} datagrams to {args.udp}")
     return 0

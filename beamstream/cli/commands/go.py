@@ -5,17 +5,8 @@ from __future__ import annotations
 import argparse
 
 from beamstream.cli.commands.output import add_json_flag, print_json
+from beamstream.cli.params import dcid
 from beamstream.platform.settings import load_settings
-
-
-def _dcid(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a dcid is a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a dcid is positive, got {value}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -29,7 +20,7 @@ def register(subparsers) -> None:
         "them like live images; the ISPyB sink stores the results under a new AutoProcProgram and leaves the "
         "live results untouched. The job is committed only if the events were published.",
     )
-    parser.add_argument("dcid", type=_dcid, metavar="DCID", help="ISPyB DataCollection id")
+    parser.add_argument("dcid", type=dcid, metavar="DCID", help="ISPyB DataCollection id")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="a ProcessingJobParameter (repeatable), e.g. --param d_min=2.0")
     parser.add_argument("--dry-run", action="store_true", help="say what would be done; write and send nothing")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
-import signal
 import sys
-import threading
 
+from beamstream.cli.params import non_negative_float, non_negative_int, positive_float, positive_int
+from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
 from beamstream.errors import BeamstreamError
 from beamstream.platform import metrics
-from beamstream.platform.logs import configure_json_logging
 from beamstream.platform.settings import load_settings
 
 EPILOG = """\
@@ -37,24 +35,24 @@ def register(subparsers) -> None:
         "growing or dead letters appear. Stop with SIGTERM or Ctrl-C: the workers it started stop cleanly.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--min-workers", type=int, default=1, metavar="N", help="workers kept running (default 1)")
-    parser.add_argument("--max-workers", type=int, default=4, metavar="N",
+    parser.add_argument("--min-workers", type=non_negative_int, default=1, metavar="N",
+                        help="workers kept running (default 1)")
+    parser.add_argument("--max-workers", type=positive_int, default=4, metavar="N",
                         help="most workers started (default 4; more than the images topic's partitions is waste)")
-    parser.add_argument("--lag-per-worker", type=int, default=200, metavar="IMAGES",
+    parser.add_argument("--lag-per-worker", type=positive_int, default=200, metavar="IMAGES",
                         help="images waiting that justify one worker (default 200)")
-    parser.add_argument("--scale-down-after", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--scale-down-after", type=non_negative_float, default=30.0, metavar="SECONDS",
                         help="how long fewer workers must have sufficed before one is stopped (default 30)")
-    parser.add_argument("--interval", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--interval", type=positive_float, default=5.0, metavar="SECONDS",
                         help="seconds between observations (default 5)")
     parser.add_argument("--worker-args", default="", metavar="ARGS",
                         help="arguments for the workers it starts, as one quoted string, e.g. "
                         "\"--analysis noop\" (default: none, i.e. real analysis)")
     parser.add_argument("--observe-only", action="store_true",
                         help="manage no processes: report the group's members and the workers it would want")
-    parser.add_argument("--json", action="store_true", help="print each event as a JSON line")
-    metrics.add_port_option(parser)
-    parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="warning",
-                        help="level of the JSON log on stderr (default warning; events go to stdout)")
+    parser.add_argument("--json", action="store_true",
+                        help="print each event as a JSON line (events go to stdout, logs to stderr)")
+    add_service_options(parser, log_level_default="warning")
     parser.set_defaults(func=run)
 
 
@@ -63,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from beamstream.operations.monitor import Monitor, event_line
     from beamstream.operations.scaling import ScalingPolicy
 
-    if args.interval <= 0:
-        raise BeamstreamError("--interval must be positive")
     try:
         worker_args = tuple(shlex.split(args.worker_args))
     except ValueError as exc:
@@ -72,23 +68,17 @@ def run(args: argparse.Namespace) -> int:
     policy = ScalingPolicy(min_workers=args.min_workers, max_workers=args.max_workers,
                            lag_per_worker=args.lag_per_worker, scale_down_after_s=args.scale_down_after)
     try:
-        policy.check()
+        policy.check()  # each bound is checked by its option's type; this checks them together
     except ValueError as exc:
         raise BeamstreamError(str(exc)) from None
     settings = load_settings()
-    configure_json_logging("monitor", getattr(logging, args.log_level.upper()), settings=settings)
-    port = metrics.metrics_port(args.metrics_port)
-    if port is not None:
-        metrics.serve(port, registry=metrics.MONITOR_REGISTRY)  # a daemon thread; it goes with the process
+    start_service_logging_and_metrics(args, "monitor", settings, metrics.MONITOR_REGISTRY)
 
     def emit(event: dict) -> None:
         print(event_line(event, args.json), flush=True)
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     monitor = Monitor(settings, policy, interval_s=args.interval, observe_only=args.observe_only,
                       worker_args=worker_args, emit=emit)
-    code = monitor.run(stop)
+    code, _signal = run_stoppable(monitor.run)
     sys.stdout.flush()
     return code

@@ -1,23 +1,10 @@
-"""Helpers of the commands that change data: ISO 8601 times and "are you sure?" prompts."""
+"""Helpers of the commands that change data: "are you sure?" prompts (ISO 8601 times are ``params.iso_time``)."""
 
 from __future__ import annotations
 
 import sys
-from datetime import datetime
 
 from beamstream.errors import BeamstreamError
-
-
-def parse_time(text: str, option: str) -> datetime:
-    """An ISO 8601 time (``2026-01-01T12:00``, ``...Z``, ``...+01:00``) as an aware datetime.
-
-    A time without a zone is local time, as people type it at the beamline.
-    """
-    try:
-        value = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BeamstreamError(f"{option}: expected an ISO 8601 time like 2026-01-31T14:05:00Z, got {text!r}") from None
-    return value if value.tzinfo is not None else value.astimezone()
 
 
 def add_yes_flag(parser) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from beamstream.cli.commands.options import add_yes_flag, confirm, parse_time
+from beamstream.cli.commands.options import add_yes_flag, confirm
 from beamstream.cli.commands.output import print_table
+from beamstream.cli.params import dcid, iso_time, non_negative_int
 from beamstream.platform.settings import load_settings
 
 
@@ -22,12 +23,14 @@ def register(subparsers) -> None:
     parser.add_argument("--topic", required=True, metavar="TOPIC",
                         help="declared topic, logical (images) or full name (beamstream.images)")
     start = parser.add_mutually_exclusive_group(required=True)
-    start.add_argument("--from-time", metavar="ISO", help="first event at or after this time")
-    start.add_argument("--from-offset", type=int, metavar="N", help="from offset N of each partition")
+    start.add_argument("--from-time", type=iso_time, metavar="ISO", help="first event at or after this time")
+    start.add_argument("--from-offset", type=non_negative_int, metavar="N", help="from offset N of each partition")
     end = parser.add_mutually_exclusive_group()
-    end.add_argument("--to-time", metavar="ISO", help="up to (not including) the first event at this time")
-    end.add_argument("--to-offset", type=int, metavar="N", help="up to (not including) offset N of each partition")
-    parser.add_argument("--dcid", type=int, metavar="N", help="only the events of collection N (by key)")
+    end.add_argument("--to-time", type=iso_time, metavar="ISO",
+                     help="up to (not including) the first event at this time")
+    end.add_argument("--to-offset", type=non_negative_int, metavar="N",
+                     help="up to (not including) offset N of each partition")
+    parser.add_argument("--dcid", type=dcid, metavar="N", help="only the events of collection N (by key)")
     parser.add_argument("--dry-run", action="store_true", help="count the events per partition, write nothing")
     add_yes_flag(parser)
     parser.set_defaults(func=run)
@@ -40,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     plan = plan_replay(
         settings, args.topic,
-        from_time=parse_time(args.from_time, "--from-time") if args.from_time else None,
+        from_time=args.from_time,
         from_offset=args.from_offset,
-        to_time=parse_time(args.to_time, "--to-time") if args.to_time else None,
+        to_time=args.to_time,
         to_offset=args.to_offset,
         dcid=args.dcid,
     )

@@ -8,19 +8,9 @@ import sys
 from tqdm import tqdm
 
 from beamstream.cli.commands.output import add_json_flag, print_json
-from beamstream.cli.commands.stoppable import run_stoppable
-from beamstream.cli.commands.watch import positive_float, positive_int
+from beamstream.cli.params import dcid, detector_name, non_negative_float, positive_float, positive_int
+from beamstream.cli.service import run_stoppable
 from beamstream.platform.settings import load_settings
-
-
-def detector_name(text: str) -> str:
-    """argparse type: a detector preset, as ``eiger2-4m`` or ``eiger2_4m``."""
-    from beamstream.producers.simulator import SimulationError, detector_key
-
-    try:
-        return detector_key(text)
-    except SimulationError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _common(parser: argparse.ArgumentParser, frames_per_file: int) -> None:
@@ -33,7 +23,7 @@ def _common(parser: argparse.ArgumentParser, frames_per_file: int) -> None:
                         help="file format (default: what the detector writes: CBF for PILATUS, NeXus for EIGER)")
     parser.add_argument("--frames-per-file", type=positive_int, default=frames_per_file, metavar="N",
                         help=f"NeXus frames per data file (default {frames_per_file})")
-    parser.add_argument("--dcid", type=positive_int, default=None, help="data collection id (default: time-based)")
+    parser.add_argument("--dcid", type=dcid, default=None, help="data collection id (default: time-based)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="where the files go (default: <home>/simulated, see `beamstream config`)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: equal seeds give equal frames (default 0)")
@@ -63,7 +53,8 @@ def register(subparsers) -> None:
     rotation = kinds.add_parser("rotation", help="a rotation sweep", description="A rotation sweep of N images.")
     rotation.add_argument("--images", type=positive_int, required=True, metavar="N", help="number of images")
     rotation.add_argument("--start-angle", type=float, default=0.0, metavar="DEG", help="first angle (default 0)")
-    rotation.add_argument("--width", type=float, default=0.1, metavar="DEG", help="degrees per image (default 0.1)")
+    rotation.add_argument("--width", type=non_negative_float, default=0.1, metavar="DEG",
+                          help="degrees per image (default 0.1)")
     _common(rotation, frames_per_file=100)
     parser.set_defaults(func=run)
 

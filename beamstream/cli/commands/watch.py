@@ -8,33 +8,12 @@ import sys
 from tqdm import tqdm
 
 from beamstream.cli.commands.output import add_json_flag, print_json
-from beamstream.cli.commands.stoppable import run_stoppable
+from beamstream.cli.params import dcid, positive_float, positive_int
+from beamstream.cli.service import run_stoppable
 from beamstream.platform.settings import load_settings
 
 #: Exit status when images never arrived (0 = all announced, 128 + n = stopped by signal n).
 EXIT_INCOMPLETE = 3
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -49,7 +28,7 @@ def register(subparsers) -> None:
         epilog=f"Exit status: 0 all images announced, {EXIT_INCOMPLETE} some never arrived, "
         "128+N stopped by signal N, 1 or 2 on errors.",
     )
-    parser.add_argument("--dcid", type=positive_int, required=True, help="ISPyB data collection id")
+    parser.add_argument("--dcid", type=dcid, required=True, help="ISPyB data collection id")
     parser.add_argument("--template", required=True, metavar="PATH",
                         help="CBF template with # for the image number (/data/x/thau_1_####.cbf) "
                         "or an EIGER/NeXus master file (/data/x/scan_master.h5)")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import signal
-import threading
 
+from beamstream.cli.params import non_negative_float, positive_int
+from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
 from beamstream.errors import BeamstreamError
-from beamstream.platform.logs import configure_json_logging
 from beamstream.platform.settings import load_settings
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -25,62 +26,49 @@ def register(subparsers) -> None:
     parser.add_argument("--analysis", choices=("real", "noop"), default="real",
                         help="real: DIALS-compatible spot finding (default); noop: no analysis, for "
                         "measuring the pipeline itself")
-    parser.add_argument("--simulated-analysis-time", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--simulated-analysis-time", type=non_negative_float, default=0.0, metavar="SECONDS",
                         help="with --analysis noop: take this long per image (sleeping, no CPU), to try "
                         "scaling and latency with a realistic analysis time (default 0)")
     parser.add_argument("--backend", choices=("numba", "numpy", "dials"), default="numba",
                         help="spot-finding implementation (default numba)")
-    parser.add_argument("--summary-timeout", type=float, default=60.0, metavar="SECONDS",
+    parser.add_argument("--summary-timeout", type=non_negative_float, default=60.0, metavar="SECONDS",
                         help="after a collection ends, how long to wait for missing images (default 60)")
-    parser.add_argument("--retries", type=int, default=3, metavar="N",
+    parser.add_argument("--retries", type=positive_int, default=3, metavar="N",
                         help="tries per image before it goes to the dead-letter topic (default 3)")
-    parser.add_argument("--retry-backoff", type=float, default=0.5, metavar="SECONDS",
+    parser.add_argument("--retry-backoff", type=non_negative_float, default=0.5, metavar="SECONDS",
                         help="first retry delay, doubled each retry (default 0.5)")
     parser.add_argument("--at-least-once", action="store_true",
                         help="turn exactly-once processing off (only to measure its cost; results may "
                         "then be duplicated after a crash)")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
-    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                        help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics (default: "
-                        "$BEAMSTREAM_METRICS_PORT, else off)")
+    add_service_options(parser)
     parser.set_defaults(func=run)
 
 
-def build_pipeline(args: argparse.Namespace):
-    """The Pipeline the arguments describe (separate from running it, for tests and the demo)."""
+def build_worker(args: argparse.Namespace):
+    """The Worker the arguments describe (separate from running it, for tests and the demo)."""
     from beamstream.diffraction.analysis import SpotFindingParams
-    from beamstream.streams.app import Pipeline, PipelineOptions
-    from beamstream.streams.image_analysis import analyse_file, noop_analysis, timed_noop_analysis
+    from beamstream.streams.analysers import analyse_file, noop_analysis, timed_noop_analysis
+    from beamstream.streams.worker import Worker, WorkerOptions
 
-    if args.summary_timeout < 0 or args.retries < 1 or args.retry_backoff < 0:
-        raise BeamstreamError("--summary-timeout and --retry-backoff must be >= 0 and --retries >= 1")
-    if args.simulated_analysis_time < 0 or args.simulated_analysis_time and args.analysis != "noop":
-        raise BeamstreamError("--simulated-analysis-time must be >= 0 and needs --analysis noop")
-    analysis = timed_noop_analysis(args.simulated_analysis_time) if args.simulated_analysis_time else noop_analysis
+    if args.simulated_analysis_time and args.analysis != "noop":
+        raise BeamstreamError("--simulated-analysis-time needs --analysis noop")
+    analyser = timed_noop_analysis(args.simulated_analysis_time) if args.simulated_analysis_time else noop_analysis
     if args.analysis == "real":
         from beamstream.diffraction.analysis import warm_up
 
         warm_up()  # compile the kernels before joining, not on the first image
-        analysis = functools.partial(analyse_file, params=SpotFindingParams(backend=args.backend))
-    options = PipelineOptions(summary_timeout_s=args.summary_timeout, retry_attempts=args.retries,
-                              retry_backoff_s=args.retry_backoff, exactly_once=not args.at_least_once)
-    return Pipeline(load_settings(), analysis, options)
+        analyser = functools.partial(analyse_file, params=SpotFindingParams(backend=args.backend))
+    options = WorkerOptions(summary_timeout_s=args.summary_timeout, retry_attempts=args.retries,
+                            retry_backoff_s=args.retry_backoff, exactly_once=not args.at_least_once)
+    return Worker(load_settings(), analyser, options)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the worker until SIGTERM/SIGINT (exit 0) or until a stage fails (exit 1)."""
-    from beamstream.platform import metrics
-
-    level = getattr(logging, args.log_level.upper())
-    pipeline = build_pipeline(args)
-    port = metrics.metrics_port(args.metrics_port)
-    if port is not None:
-        metrics.serve(port)  # a daemon thread; it goes with the process
-    configure_json_logging("worker", level, settings=pipeline.settings)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    logging.getLogger("beamstream.worker").info("worker started", extra={
-        "worker": pipeline.worker_id, "analysis": pipeline.analysis_name,
-        "exactly_once": pipeline.options.exactly_once})
-    return pipeline.start().run(stop)
+    worker = build_worker(args)
+    start_service_logging_and_metrics(args, "worker", worker.settings)
+    log.info("worker started", extra={"worker": worker.worker_id, "analysis": worker.analysis_kind,
+                                      "exactly_once": worker.options.exactly_once})
+    # The stages start under the runner's signal handlers: a SIGTERM from then on is a clean stop.
+    code, _signal = run_stoppable(lambda stop: worker.start().run(stop))
+    return code
