@@ -31,13 +31,12 @@ sys.path.insert(0, str(ROOT))
 from beamstream.connectors.ispyb_collections import create_collection  # noqa: E402
 from beamstream.connectors.ispyb_schema import create_schema, make_engine  # noqa: E402
 from beamstream.connectors.ispyb_sink import IspybSink, SinkOptions  # noqa: E402
-from beamstream.schemas.keys import dcid_key  # noqa: E402
-from beamstream.schemas.serde import make_serde  # noqa: E402
-
 from beamstream.operations.cluster import LocalCluster  # noqa: E402
 from beamstream.platform.kafka_clients import make_producer  # noqa: E402
 from beamstream.platform.settings import load_settings  # noqa: E402
 from beamstream.platform.topics import apply_topics, topic_name  # noqa: E402
+from beamstream.schemas.keys import dcid_key  # noqa: E402
+from beamstream.schemas.serde import make_serde  # noqa: E402
 from schemas.examples import sample_event  # noqa: E402
 from tests.helpers.harness import free_port_pair  # noqa: E402
 

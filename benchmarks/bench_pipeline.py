@@ -27,11 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from beamstream.producers.events import EventPublisher, collection_started, image_arrived  # noqa: E402
-
 from beamstream.operations.cluster import LocalCluster  # noqa: E402
 from beamstream.platform.settings import load_settings  # noqa: E402
 from beamstream.platform.topics import apply_topics  # noqa: E402
+from beamstream.producers.events import EventPublisher, collection_started, image_arrived  # noqa: E402
 from tests.helpers.harness import ServiceProcess, TopicReader, free_port_pair  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "thaumatin_grid"

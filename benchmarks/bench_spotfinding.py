@@ -25,6 +25,7 @@ for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MK
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
+
 from beamstream.diffraction.analysis import SpotFindingParams, analyse_image  # noqa: E402
 from beamstream.diffraction.image import DetectorGeometry, DiffractionImage  # noqa: E402
 from beamstream.diffraction.threshold import threshold_image  # noqa: E402

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("bench_spotfinding.py", "bench_analysis.py", "bench_pipeline.py", "bench_ispyb.py")
+BENCHMARKS = ("bench_spotfinding.py", "bench_analysis.py", "bench_pipeline.py", "bench_ispyb.py", "bench_restore.py")
 
 
 def main() -> int:

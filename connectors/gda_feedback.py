@@ -8,21 +8,23 @@ commits after sending (at least once); GDA keeps the latest value per image.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
-from beamstream.schemas.serde import SerdeError, make_serde
+from confluent_kafka import Message
 
+from beamstream.engine.stage import Processor, Stage
+from beamstream.engine.transactions import Output
 from beamstream.errors import BeamstreamError
 from beamstream.platform import metrics
-from beamstream.platform.kafka_clients import make_consumer
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import topic_name
+from beamstream.schemas.serde import SerdeError, make_serde
 
-log = logging.getLogger("beamstream.gda_feedback")
+log = logging.getLogger(__name__)
 
 
 def pia_datagram(result: dict) -> bytes:
@@ -44,59 +46,70 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 class GdaFeedback:
-    """Consumes results and sends a PIA datagram for each to GDA."""
+    """Consumes results and sends a PIA datagram for each to GDA (on the engine, at least once: UDP
+    cannot be part of a Kafka transaction)."""
 
     def __init__(self, settings: Settings, address: tuple[str, int], group_id: str | None = None,
                  from_beginning: bool = False) -> None:
         self.settings = settings
-        self.address = address
-        self.serde = make_serde(settings.schema_registry_url)
-        self.topic = topic_name(settings, "results")
         self.group_id = group_id or f"{settings.topic_prefix}gda-feedback"
         # A fresh group starting from the earliest result replays a whole history;
         # the service's own group resumes where it stopped, new results only at first start.
-        self.offset_reset = "latest"
+        offset_reset = "latest"
         if from_beginning:
             self.group_id += f"-{uuid.uuid4().hex[:8]}"
-            self.offset_reset = "earliest"
-        self.stop_event = threading.Event()
-        self.sent = 0
+            offset_reset = "earliest"
+        self.processor = FeedbackProcessor(settings, address)
+        self.stage = Stage(settings, self.group_id, [self.processor.topic], self.processor, name="gda-feedback",
+                           exactly_once=False, consumer_config={"auto.offset.reset": offset_reset})
+        self.stop_event = self.stage.stop_requested
+
+    @property
+    def sent(self) -> int:
+        """Datagrams sent since the start."""
+        return self.processor.sent
 
     def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None) -> int:
         """Forward results until stopped (or ``max_messages`` sent / idle for ``idle_timeout_s``)."""
-        consumer = make_consumer(self.settings, self.group_id, offset_reset=self.offset_reset)
-        consumer.subscribe([self.topic])
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        idle = 0.0
+        self.processor.enough = (lambda: self.sent >= max_messages) if max_messages is not None else None
+        self.processor.stop = self.stop_event
         try:
-            while not self.stop_event.is_set():
-                message = consumer.poll(0.5)
-                if message is None or message.error():
-                    idle += 0.5
-                    if idle_timeout_s is not None and idle >= idle_timeout_s:
-                        break
-                    continue
-                idle = 0.0
-                metrics.feedback_result_consumed()
-                try:
-                    result = self.serde.decode(message.value(), self.topic, "ImageResult").value
-                except SerdeError as exc:
-                    # Not ours to dead-letter: the workers own the results topic's contract.
-                    log.warning("skipping undecodable result: %s", exc)
-                    metrics.feedback_skipped(type(exc).__name__)
-                    continue
-                sock.sendto(pia_datagram(result), self.address)
-                self.sent += 1
-                metrics.datagram_sent((datetime.now(UTC) - result["event_time"]).total_seconds())
-                consumer.commit(message, asynchronous=True)
-                if max_messages is not None and self.sent >= max_messages:
-                    break
+            self.stage.run(idle_timeout_s)
         finally:
-            consumer.close()
-            sock.close()
+            self.processor.close()
         return self.sent
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT stop the loop cleanly."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop_event.set())
+
+class FeedbackProcessor(Processor):
+    """One PIA datagram per decodable result."""
+
+    def __init__(self, settings: Settings, address: tuple[str, int]) -> None:
+        self.address = address
+        self.serde = make_serde(settings.schema_registry_url)
+        self.topic = topic_name(settings, "results")
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sent = 0
+        self.enough: Callable[[], bool] | None = None
+        self.stop: threading.Event | None = None
+
+    def process(self, messages: list[Message]) -> list[Output]:
+        """Send a datagram per result; nothing goes back to Kafka."""
+        for message in messages:
+            metrics.feedback_result_consumed()
+            try:
+                result = self.serde.decode(message.value(), self.topic, "ImageResult").value
+            except SerdeError as exc:
+                # Not ours to dead-letter: the workers own the results topic's contract.
+                log.warning("skipping undecodable result: %s", exc)
+                metrics.feedback_skipped(type(exc).__name__)
+                continue
+            self.socket.sendto(pia_datagram(result), self.address)
+            self.sent += 1
+            metrics.datagram_sent((datetime.now(UTC) - result["event_time"]).total_seconds())
+        if self.enough is not None and self.stop is not None and self.enough():
+            self.stop.set()
+        return []
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.socket.close()

@@ -13,7 +13,6 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from beamstream.connectors.ispyb_mapping import RECIPE
 from ispyb.sqlalchemy import (
     BLSession,
     DataCollection,
@@ -29,6 +28,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from beamstream.connectors.ispyb_mapping import RECIPE
 from beamstream.errors import BeamstreamError
 
 #: ISPyB experiment types (DataCollectionGroup.experimentType) by Beamstream's experiment type.

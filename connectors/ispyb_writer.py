@@ -21,14 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from beamstream.connectors import ispyb_mapping as mapping
-from beamstream.connectors.ispyb_schema import REPROCESSED_QUALITY_INDICATORS
 from ispyb.sqlalchemy import AutoProcProgram, ImageQualityIndicators, ProcessingJob
 from sqlalchemy import Table, and_, func, insert, or_, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+
+from beamstream.connectors import ispyb_mapping as mapping
+from beamstream.connectors.ispyb_schema import REPROCESSED_QUALITY_INDICATORS
 
 IQI: Table = ImageQualityIndicators.__table__
 APP: Table = AutoProcProgram.__table__

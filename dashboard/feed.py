@@ -13,15 +13,15 @@ import threading
 import time
 import uuid
 
-from beamstream.dashboard.view import DashboardView
-from beamstream.schemas.serde import SerdeError, make_serde
 from confluent_kafka import KafkaException
 
+from beamstream.dashboard.view import DashboardView
 from beamstream.platform import metrics
 from beamstream.platform.kafka_clients import make_consumer
 from beamstream.platform.lag import GroupLag
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import group_name, topic_name
+from beamstream.schemas.serde import SerdeError, make_serde
 
 log = logging.getLogger(__name__)
 

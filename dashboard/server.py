@@ -11,10 +11,10 @@ import signal
 import threading
 
 from aiohttp import web
+
 from beamstream.dashboard.feed import Feed
 from beamstream.dashboard.view import DashboardView
 from beamstream.dashboard.web import create_app
-
 from beamstream.platform.settings import Settings
 
 

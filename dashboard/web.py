@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
 from beamstream.dashboard import actions
 from beamstream.dashboard.auth import AuthError, Principal, authenticate
 from beamstream.dashboard.view import DashboardView
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-
 from beamstream.errors import BeamstreamError
 from beamstream.platform.settings import Settings
 
@@ -27,7 +27,7 @@ STATIC = Path(__file__).parent / "static"
 _DEAD_ID = re.compile(r"^(\d{1,9}):(\d{1,19})$")
 _MAX_DCID = 2**63 - 1  # dcids are Avro longs
 
-log = logging.getLogger("dashboard.actions")
+log = logging.getLogger(__name__)
 _VIEW: web.AppKey[DashboardView] = web.AppKey("view", DashboardView)
 _SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 _LOCK: web.AppKey[asyncio.Lock] = web.AppKey("action_lock", asyncio.Lock)

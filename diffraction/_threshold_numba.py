@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from beamstream.diffraction.threshold import BIG, ThresholdParams
 from numba import njit
+
+from beamstream.diffraction.threshold import BIG, ThresholdParams
 
 # Above this fraction of candidate pixels the second dispersion_extended pass
 # streams over the whole image instead of summing each candidate's window.

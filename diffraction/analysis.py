@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
 from beamstream.diffraction.errors import SpotFindingParameterError
 from beamstream.diffraction.image import DiffractionImage
 from beamstream.diffraction.resolution import resolution_mask

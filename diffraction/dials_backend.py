@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from beamstream.diffraction.errors import BackendUnavailableError
 from beamstream.diffraction.spotfinder import SPOT_DTYPE, check_strong_pixel_fraction, empty_spots
 

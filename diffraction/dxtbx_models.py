@@ -19,6 +19,7 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
+
 from beamstream.diffraction.errors import GeometryError
 from beamstream.diffraction.image import DetectorGeometry
 

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from beamstream.diffraction.errors import GeometryError
 
 

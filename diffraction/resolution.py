@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
 from beamstream.diffraction.errors import GeometryError
 from beamstream.diffraction.image import DetectorGeometry
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
 from beamstream.diffraction.errors import SpotFindingError, SpotFindingParameterError
 
 try:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
 import numpy as np
+
 from beamstream.diffraction.image import DetectorGeometry
 from beamstream.diffraction.resolution import spot_rlp_norm
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+
 from beamstream.diffraction.detectors import DetectorPreset, get_preset, module_gap_mask, sensor_mu_per_mm
 from beamstream.diffraction.image import DetectorGeometry, DiffractionImage
 from beamstream.diffraction.readers._common import make_geometry, trusted_mask

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
 from beamstream.diffraction.errors import SpotFindingParameterError
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
 from beamstream.diffraction.image import DiffractionImage
 
 

@@ -15,13 +15,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from beamstream.schemas.keys import dcid_key, image_key
-from beamstream.schemas.serde import Serde, make_serde
-
 from beamstream.errors import BeamstreamError
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import topic_name
+from beamstream.schemas.keys import dcid_key, image_key
+from beamstream.schemas.serde import Serde, make_serde
 
 #: Which topic each record type is published on.
 RECORD_TOPICS = {

@@ -20,6 +20,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
 from beamstream.connectors.ispyb_collections import (
     CollectionRecord,
     DatabaseError,
@@ -28,14 +31,11 @@ from beamstream.connectors.ispyb_collections import (
     read_collection,
 )
 from beamstream.connectors.ispyb_mapping import RECIPE
+from beamstream.errors import BeamstreamError
+from beamstream.platform.settings import Settings
 from beamstream.producers.events import Event, EventPublisher, collection_ended, collection_started, image_arrived, now
 from beamstream.producers.publishing import open_publisher, publish
 from beamstream.producers.scanning import FrameRef, cbf_file_name, is_nexus_template
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
-
-from beamstream.errors import BeamstreamError
-from beamstream.platform.settings import Settings
 
 #: ProcessingJob.displayName of the jobs ``beamstream go`` registers.
 GO_JOB_NAME = "beamstream go"

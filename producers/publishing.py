@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from beamstream.producers.events import Event, EventPublisher
 from confluent_kafka import KafkaException
 
 from beamstream.errors import BeamstreamError
 from beamstream.platform.settings import Settings
+from beamstream.producers.events import Event, EventPublisher
 
 
 class ProducerError(BeamstreamError):

@@ -20,8 +20,6 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
-from beamstream.schemas.keys import parse_dcid_key
-
 from beamstream.errors import BeamstreamError
 from beamstream.platform.retained import (
     AtomicWriter,
@@ -36,6 +34,7 @@ from beamstream.platform.retained import (
     with_header,
 )
 from beamstream.platform.settings import Settings
+from beamstream.schemas.keys import parse_dcid_key
 
 REPLAYED_HEADER = "beamstream-replayed"
 REPLAYED_FROM_HEADER = "beamstream-replayed-from"

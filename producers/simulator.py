@@ -27,16 +27,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from beamstream.diffraction.centring import GridShape
 from beamstream.diffraction.detectors import PRESETS, get_preset
 from beamstream.diffraction.synthetic import SyntheticSpec, generate_image
+from beamstream.errors import BeamstreamError
+from beamstream.platform.settings import Settings
 from beamstream.producers.events import EventPublisher, collection_ended, collection_started
 from beamstream.producers.publishing import open_publisher, publish
 from beamstream.producers.staging import CbfStager, NexusStager, Release
 from beamstream.producers.watcher import WatchReport, watch
-
-from beamstream.errors import BeamstreamError
-from beamstream.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from beamstream.diffraction.image import DiffractionImage
 from beamstream.diffraction.writers import nexus_file_names, write_cbf, write_nexus
 from beamstream.producers.scanning import cbf_file_name

@@ -9,12 +9,14 @@ collection in any order gives the same state.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 
 import numpy as np
+
 from beamstream.diffraction.centring import GridShape, find_xray_centre
 
 #: d_min histogram: bins of 0.02 Å from 0.5 Å; the median is reported to a bin's centre.
@@ -53,6 +55,11 @@ class CollectionState:
     summarized: bool = False
     announced: int = 0  # n_seen at the last progress announcement
     last_activity: float | None = None  # worker clock (epoch s) when a new result last came in
+
+    def copy(self) -> CollectionState:
+        """An independent copy (what the table hands a reader: faster than a generic deep copy)."""
+        return replace(self, grid=copy.deepcopy(self.grid), seen=bytearray(self.seen),
+                       d_min_histogram=dict(self.d_min_histogram), counts=dict(self.counts))
 
     # -- bitmap -------------------------------------------------------------
     def has_image(self, image_number: int) -> bool:
@@ -284,4 +291,16 @@ def build_progress(state: CollectionState, event_time: datetime) -> dict:
         "best_image": state.best_image,
         "best_image_spots": max(state.best_spots, 0),
         "event_time": event_time,
+    }
+
+
+def build_data_reduction_request(state: CollectionState, event_time: datetime) -> dict:
+    """The ProcessingRequest a finished rotation scan emits: data reduction, its spots found "front-loaded"."""
+    key = state_key(state.dcid, state.processing_job_id)
+    return {
+        "request_id": f"data-reduction-{key}", "kind": "data_reduction",
+        "dcid": state.dcid, "processing_job_id": state.processing_job_id,
+        "recipe": "data-reduction", "parameters": {"spotfinding": "front-loaded"},
+        "image_ranges": [{"start": state.start_image_number, "end": state.start_image_number + state.expected - 1}],
+        "requested_by": "beamstream", "event_time": event_time,
     }

@@ -25,7 +25,7 @@ from beamstream.platform.lag import GroupLag
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import group_name, topic_name
 
-log = logging.getLogger("beamstream.worker")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -1,9 +1,22 @@
-"""Dead-letter envelopes: a message no consumer could process, with why and where from."""
+"""Dead letters: a message no consumer could process, with why and where from.
+
+Every service that consumes builds its dead letters here, so they all carry the same
+fields (the dashboard and ``beamstream dlq`` read them back) and each is logged once.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
+
+from confluent_kafka import Message
+
+from beamstream.engine.transactions import Output
+from beamstream.platform.dlq import REINJECTED_HEADER
+from beamstream.platform.retained import header_count
+
+log = logging.getLogger(__name__)
 
 
 def dead_letter(
@@ -22,10 +35,7 @@ def dead_letter(
     image_number: int | None = None,
 ) -> dict:
     """A DeadLetter value carrying the original message unchanged."""
-    reinjected = 0
-    for name, value in headers or ():
-        if name == "beamstream-reinjected" and value:
-            reinjected = int(value)
+    reinjected = header_count(headers, REINJECTED_HEADER)  # 0 when junk: a dead letter must never fail
     return {
         "reason": reason,
         "error_type": error_type,
@@ -42,3 +52,26 @@ def dead_letter(
         "image_number": image_number,
         "failed_at": datetime.now(UTC),
     }
+
+
+class DeadLetters:
+    """Turns a message that failed into the output that sends it to ``topic`` (one per service).
+    ``service`` names who gave up; ``{topic}`` in it becomes the message's topic (``worker/{topic}``)."""
+
+    def __init__(self, serde, topic: str, service: str) -> None:
+        self.serde, self.topic, self.service = serde, topic, service
+
+    def output(self, message: Message, reason: str, error_type: str, *, attempts: int = 1,
+               dcid: int | None = None, image_number: int | None = None) -> Output:
+        """The dead letter of ``message`` as an output of the batch (committed with its offset), logged once."""
+        service = self.service.format(topic=message.topic())
+        log.warning("dead letter: %s", reason, extra={
+            "service": service, "dcid": dcid, "image": image_number, "error_type": error_type,
+            "source_topic": message.topic(), "source_partition": message.partition(),
+            "source_offset": message.offset()})
+        value = dead_letter(
+            reason=reason, error_type=error_type, service=service, source_topic=message.topic(),
+            source_partition=message.partition(), source_offset=message.offset(), key=message.key(),
+            payload=message.value(), headers=list(message.headers() or []), attempts=attempts, dcid=dcid,
+            image_number=image_number)
+        return (self.topic, message.key(), self.serde.encode("DeadLetter", value, self.topic))

@@ -1,46 +1,60 @@
-"""A consume-transform-produce stage on its own thread: events in, outputs out, exactly once.
+"""A consume-transform-produce stage: events in, outputs out, exactly once. Every Beamstream
+service that consumes and then writes runs on this (both worker stages, the ISPyB sink, the
+archiver); the rules for committing, aborting and retrying are in
+:mod:`beamstream.engine.transactions`.
 
-The per-image analysis runs here rather than as a Faust agent. faust-streaming
-commits offsets through aiokafka, which cannot send the consumer group's
-generation with them (KIP-447), so a worker that lost a partition could still
-commit results for it while the new owner processed the same images again; a
-patch layer over Faust narrowed that window but never closed it (README,
-"Why not Faust").
-With confluent-kafka the broker itself refuses offsets from an old generation,
-which closes it (see :mod:`beamstream.transactions`).
+One step of the loop (:meth:`Stage.step`):
 
-Loop: fetch events, hand each to ``handle`` (which returns its outputs and never
-raises for bad input), and every ``commit_interval_s`` commit the outputs with
-the offsets in one transaction. Rebalance callbacks run only inside ``consume``,
-between transactions, so a revoked partition never has outputs in flight.
+1. ``consume``: top up the local queue. Rebalance callbacks run only in here, between
+   transactions, so a revoked partition never has outputs in flight; its queued events
+   are dropped (they are the next owner's) and its table partitions are checkpointed and
+   dropped. On assignment the committed offsets are fetched *stably* first, so tables are
+   restored only once the previous owner's last transaction has settled.
+2. ``process``: hand queued events to the :class:`Processor` in chunks for up to
+   ``commit_interval_s``, or until the queue is empty: an idle stage commits at once, a
+   busy one at most every interval.
+3. ``commit``: the outputs, the tables' changelog records and the consumed offsets
+   (with the group metadata, KIP-447) in one transaction. Committed: the tables commit
+   their buffers. Aborted: the tables drop them, every partition with queued events is
+   rewound and the events are processed again. A fatal error: a new producer, and the
+   consumer rewound to its committed offsets.
+
+A processor that cannot go on for now (the ISPyB database is down) raises
+:class:`Backoff`: nothing of the batch is committed, its partitions are rewound and
+paused, and the stage keeps polling (so it keeps its partitions) until the wait is over.
+A commit that hangs inside librdkafka past ``stall_limit_s`` ends the process with
+:data:`STALLED_EXIT_CODE` (see :meth:`Stage._watch_for_stalls`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
+from beamstream.engine.table import ChangelogTable
 from beamstream.engine.transactions import (
     BatchOffsets,
+    Outcome,
     Output,
     TransactionFailed,
+    commit_at_least_once,
     commit_batch,
-    produce,
     rewind,
     rewind_to_committed,
 )
-from beamstream.platform.kafka_clients import make_consumer, make_producer
+from beamstream.errors import BeamstreamError
+from beamstream.platform import kafka_clients
 from beamstream.platform.settings import Settings
 
-log = logging.getLogger("beamstream.worker")
-
-Handler = Callable[[Message], list[Output]]
+log = logging.getLogger(__name__)
 
 #: A killed worker's open transaction holds back read_committed readers of its output
 #: partitions until the broker aborts it; keep that short (the group's session timeout
@@ -49,48 +63,99 @@ TRANSACTION_TIMEOUT_MS = 15_000
 #: Each transactional call's own limit; the broker aborts our transaction after TRANSACTION_TIMEOUT_MS anyway.
 COMMIT_TIMEOUT_S = 30.0
 FETCH_BATCH = 500
+#: Exit code of a process that left a stalled Kafka client behind (EX_TEMPFAIL: try again).
+STALLED_EXIT_CODE = 75
 
 
-class TransactionalStage:
-    """Consume ``topics`` in consumer group ``group_id``; each event's outputs and its offset
-    commit together. With ``exactly_once`` off, outputs are flushed and offsets committed
-    afterwards (at-least-once, to measure what the guarantee costs). ``flush``, if given, returns
-    outputs to add to every transaction after its events' own (a table's changed entries)."""
+class StageError(BeamstreamError):
+    """A stage cannot run (Kafka unreachable at start-up)."""
 
-    def __init__(self, settings: Settings, group_id: str, topics: list[str], handle: Handler, *,
-                 exactly_once: bool = True, commit_interval_s: float = 0.1, name: str = "stage",
-                 session_timeout_s: float = 10.0,
-                 on_assigned: Callable[[list[TopicPartition]], None] | None = None,
-                 on_revoked: Callable[[list[TopicPartition]], None] | None = None,
-                 on_aborted: Callable[[], None] | None = None,
-                 flush: Callable[[], list[Output]] | None = None,
-                 tick: Callable[[], None] | None = None, tick_interval_s: float = 1.0) -> None:
-        self.settings = settings
-        self.on_aborted = on_aborted
-        self.flush = flush
-        self.on_assigned = on_assigned
-        self.on_revoked = on_revoked
-        self.tick = tick
-        self.tick_interval_s = tick_interval_s
-        self._last_tick = 0.0
-        self.group_id = group_id
-        self.topics = topics
-        self.handle = handle
+
+class Backoff(Exception):  # noqa: N818 - a request, not an error
+    """Raised by :meth:`Processor.process`: nothing can be done for ``delay_s`` (a database outage).
+    The batch is not committed; its events are processed again after the wait."""
+
+    def __init__(self, delay_s: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+class Processor:
+    """What a stage does with its events: :meth:`process` is the one method to write; the hooks are
+    called on the stage's thread at the points their names say. ``tables`` are restored, checkpointed,
+    committed and aborted by the stage."""
+
+    tables: Sequence[ChangelogTable] = ()
+
+    def process(self, messages: list[Message]) -> list[Output]:
+        """The outputs of ``messages`` (one chunk of the batch). Bad input becomes a dead letter among
+        the outputs, never an exception; raise :class:`Backoff` to retry the whole batch later."""
+        raise NotImplementedError
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """Partitions were assigned (after the tables' partitions were restored)."""
+
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        """Partitions were revoked or lost (their queued events are already dropped)."""
+
+    def committed(self) -> None:
+        """The batch's transaction committed."""
+
+    def aborted(self) -> None:
+        """The batch's outputs were thrown away; its events will be processed again."""
+
+    def tick(self) -> None:
+        """Called about every ``tick_interval_s`` between batches, busy or idle."""
+
+
+@dataclass(frozen=True)
+class KafkaClients:
+    """How a stage makes its clients (the engine's unit tests pass in-memory fakes)."""
+
+    consumer: Callable[..., object] = kafka_clients.make_consumer
+    producer: Callable[..., object] = kafka_clients.make_producer
+
+
+class Stage:
+    """Consume ``topics`` in consumer group ``group_id`` and run ``processor`` on them; each event's
+    outputs commit together with its offset. ``chunk_size`` events go to each ``process`` call.
+    With ``exactly_once`` off, outputs are flushed and offsets committed afterwards (at-least-once,
+    only to measure what the guarantee costs)."""
+
+    def __init__(self, settings: Settings, group_id: str, topics: list[str], processor: Processor, *,
+                 name: str = "stage", exactly_once: bool = True, commit_interval_s: float = 0.1,
+                 chunk_size: int = 1, tick_interval_s: float = 1.0, checkpoint_interval_s: float = 30.0,
+                 transactional_id: str | None = None, consumer_config: dict | None = None,
+                 stall_limit_s: float | None = 60.0, last_words: Callable[[Stage], None] | None = None,
+                 clients: KafkaClients = KafkaClients()) -> None:
+        self.settings, self.group_id, self.topics, self.processor = settings, group_id, topics, processor
+        self.name = name
         self.exactly_once = exactly_once
         self.commit_interval_s = commit_interval_s
-        self.name = name
-        self.session_timeout_s = session_timeout_s
+        self.chunk_size = chunk_size
+        self.tick_interval_s = tick_interval_s
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.transactional_id = transactional_id
+        self.consumer_config = consumer_config or {}
+        self.stall_limit_s = stall_limit_s
+        self.last_words = last_words  # called before a stalled process exits (a service's "failed" heartbeat)
+        self.clients = clients
         self.stop_requested = threading.Event()
         self.error: BaseException | None = None
         self.committed_batches = 0
-        self.committing_since: float | None = None  # time.monotonic() when the commit in progress began
         self.aborted_batches = 0
+        self.committing_since: float | None = None  # time.monotonic() when the commit in progress began
+        self.consumer = None
+        self.producer = None
         self._thread: threading.Thread | None = None
         self._pending: deque[Message] = deque()
         self._offsets = BatchOffsets()
+        self._last_tick = 0.0
+        self._last_checkpoint = time.monotonic()
+        self._changelogs = {table.changelog_topic: table.delivered for table in processor.tables}
 
     # -- lifecycle ---------------------------------------------------------------
-    def start(self) -> TransactionalStage:
+    def start(self) -> Stage:
         """Run the stage on a daemon thread."""
         self._thread = threading.Thread(target=self._run_guarded, name=self.name, daemon=True)
         self._thread.start()
@@ -116,71 +181,144 @@ class TransactionalStage:
     def _run_guarded(self) -> None:
         try:
             self.run()
-        except BaseException as exc:  # the worker notices (running is False) and exits
+        except BaseException as exc:  # the service notices (running is False) and exits
             self.error = exc
             log.critical("%s stopped: %s", self.name, exc, exc_info=True)
 
-    # -- the loop -----------------------------------------------------------------
-    def run(self) -> None:
-        """Consume until :meth:`stop` (blocking; :meth:`start` runs it on a thread)."""
-        consumer = make_consumer(self.settings, self.group_id, **{
-            "session.timeout.ms": int(self.session_timeout_s * 1000),
-            "heartbeat.interval.ms": int(self.session_timeout_s * 300),
-            "max.poll.interval.ms": 600_000,  # one very slow image must not cost the partitions
-            # Range keeps partition p of every input topic on one worker: the inputs are
-            # co-partitioned by dcid and a table partition needs all of its events.
-            "partition.assignment.strategy": "range",
-        })
-        consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                           on_lost=self._on_revoke)
-        producer = self._new_producer()
+    def run(self, idle_timeout_s: float | None = None) -> None:
+        """Run until :meth:`stop` (or nothing came for ``idle_timeout_s``); blocking."""
+        self.open()
+        idle_since = time.monotonic()
         try:
             while not self.stop_requested.is_set():
-                if self.tick is not None and time.monotonic() - self._last_tick >= self.tick_interval_s:
-                    self._last_tick = time.monotonic()
-                    self.tick()
-                if not self._fill(consumer):
-                    continue
-                outputs = self._process_batch()
-                if self.flush is not None:
-                    outputs.extend(self.flush())  # e.g. table changes, once per transaction
-                if self.exactly_once:
-                    self.committing_since = time.monotonic()
-                    in_batch = set(self._offsets.first)
-                    try:
-                        if commit_batch(producer, consumer, outputs, self._offsets, timeout_s=COMMIT_TIMEOUT_S):
-                            self.committed_batches += 1
-                            continue
-                        # commit_batch rewound the batch's partitions; events fetched for the others
-                        # were not in it and are dropped below, so fetch them again too.
-                        rewind(consumer, self._first_pending(exclude=in_batch))
-                    except TransactionFailed as exc:
-                        log.warning("%s: %s; starting a new producer", self.name, exc)
-                        self._offsets.clear()
-                        producer = self._new_producer()
-                        rewind_to_committed(consumer)
-                    finally:
-                        self.committing_since = None
-                    self.aborted_batches += 1
-                    self._pending.clear()
-                    if self.on_aborted is not None:
-                        self.on_aborted()
-                else:
-                    self._commit_at_least_once(producer, consumer, outputs)
+                if self.step():
+                    idle_since = time.monotonic()
+                elif idle_timeout_s is not None and time.monotonic() - idle_since >= idle_timeout_s:
+                    break
         finally:
-            self._pending.clear()
+            self.close()
+
+    def open(self) -> None:
+        """Make the clients and subscribe (:meth:`run` does this; tests driving :meth:`step` call it)."""
+        config = {
+            # Range keeps partition p of every input topic on one member: the inputs are co-partitioned
+            # by dcid and a table partition needs all of its events.
+            "partition.assignment.strategy": "range",
+            **self.consumer_config,
+        }
+        self.consumer = self.clients.consumer(self.settings, self.group_id, **config)
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        try:
+            self.producer = self._new_producer()
+        except KafkaException as exc:
+            self.consumer.close()
+            raise StageError(f"{self.name}: cannot start a transactional producer on Kafka at "
+                             f"{self.settings.kafka_bootstrap}: {exc.args[0].str()} (is the cluster up?)") from None
+        if self.exactly_once and self.stall_limit_s is not None:
+            threading.Thread(target=self._watch_for_stalls, name=f"{self.name}-stall-watch", daemon=True).start()
+
+    def close(self) -> None:
+        """Checkpoint the tables, leave the group and flush the producer."""
+        self._pending.clear()
+        self.stop_requested.set()  # ends the stall watch
+        try:
+            self._checkpoint()
+            self.consumer.close()  # leaves the group: the partitions move without a session timeout
+        finally:
+            self.producer.flush(10)
+
+    def _watch_for_stalls(self) -> None:
+        """End the process when a commit has hung for ``stall_limit_s``.
+
+        librdkafka can block inside a transactional call past its timeout after a broker restart
+        (confluentinc/librdkafka#5456, #5511). A blocked C call cannot be interrupted, and the
+        open transaction is aborted by the broker once this process is gone; so exit at once and
+        let the supervisor (systemd, Kubernetes, `beamstream monitor`) start a fresh process."""
+        while not self.stop_requested.wait(1.0):
+            if self.stalled_for > self.stall_limit_s:
+                log.critical("stage stalled in a Kafka transaction, the process exits for a restart",
+                             extra={"stage": self.name, "stalled_s": round(self.stalled_for, 1)})
+                try:
+                    if self.last_words is not None:
+                        self.last_words(self)
+                finally:
+                    logging.shutdown()
+                    os._exit(STALLED_EXIT_CODE)
+
+    # -- one step -------------------------------------------------------------------
+    def step(self) -> bool:
+        """Fetch, process and commit one batch; True when there was one."""
+        if time.monotonic() - self._last_tick >= self.tick_interval_s:
+            self._last_tick = time.monotonic()
+            self.processor.tick()
+        if not self._fill():
+            return False
+        try:
+            outputs = self._process_batch()
+        except Backoff as wait:
+            self._back_off(wait)
+            return True
+        for table in self.processor.tables:
+            outputs.extend(table.flush())  # changed entries, once per transaction
+        if not self.exactly_once:
+            commit_at_least_once(self.producer, self.consumer, outputs, self._offsets, self._changelogs)
+            self._committed()
+            return True
+        self.committing_since = time.monotonic()
+        in_batch = set(self._offsets.first)
+        try:
+            outcome = commit_batch(self.producer, self.consumer, outputs, self._offsets,
+                                   timeout_s=COMMIT_TIMEOUT_S, on_delivery=self._changelogs)
+        except TransactionFailed as exc:
+            log.warning("%s: %s; starting a new producer", self.name, exc)
+            self.producer = self._new_producer()
+            rewind_to_committed(self.consumer)
+            self._aborted()
+            return True
+        finally:
+            self.committing_since = None
+        if outcome is Outcome.COMMITTED:
+            self._committed()
+        else:
+            # commit_batch rewound the batch's partitions; events queued for the others were not
+            # in it and are dropped below, so fetch them again too.
+            rewind(self.consumer, self._first_pending(exclude=in_batch))
+            self._aborted()
+        return True
+
+    def _committed(self) -> None:
+        self.producer.poll(0)  # serves the changelog records' delivery reports before the tables commit
+        for table in self.processor.tables:
+            table.commit()
+        self.committed_batches += 1
+        self.processor.committed()
+        if time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s:
+            self._checkpoint()
+
+    def _aborted(self) -> None:
+        self.aborted_batches += 1
+        self._pending.clear()
+        self._offsets.clear()
+        for table in self.processor.tables:
+            table.abort()
+        self.processor.aborted()
+
+    def _checkpoint(self) -> None:
+        self._last_checkpoint = time.monotonic()
+        for table in self.processor.tables:
             try:
-                consumer.close()  # leaves the group: the partitions move without a session timeout
-            finally:
-                producer.flush(10)
+                table.checkpoint()
+            except OSError as exc:  # a full disk costs a slower restore, nothing else
+                log.warning("table checkpoint not written: %s", exc, extra={"table": table.changelog_topic})
 
     def _new_producer(self):
         if not self.exactly_once:
-            return make_producer(self.settings)
+            return self.clients.producer(self.settings)
         # KIP-447 fences by consumer generation, so the id only has to be unique.
-        transactional_id = f"{self.group_id}-{uuid.uuid4().hex[:12]}"
-        return make_producer(self.settings, transactional_id=transactional_id,
-                             **{"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS})
+        transactional_id = self.transactional_id or f"{self.group_id}-{uuid.uuid4().hex[:12]}"
+        return self.clients.producer(self.settings, transactional_id=transactional_id,
+                                     **{"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS})
 
     def _first_pending(self, exclude: set) -> dict[tuple[str, int], int]:
         """The lowest queued offset of each partition not in ``exclude``."""
@@ -191,7 +329,7 @@ class TransactionalStage:
                 first.setdefault(key, message.offset())
         return first
 
-    def _fill(self, consumer) -> bool:
+    def _fill(self) -> bool:
         """Top up the local queue from the consumer; True when there is something to process.
 
         ``consume`` is called between every two transactions even with events still queued:
@@ -200,9 +338,9 @@ class TransactionalStage:
         room = max(FETCH_BATCH - len(self._pending), 1)
         # consume(n, timeout) waits for n messages or the timeout, so block for the first event
         # only (when idle) and then take what is already fetched: a batch never waits to fill up.
-        messages = consumer.consume(1, timeout=0 if self._pending else 0.2)
+        messages = self.consumer.consume(1, timeout=0 if self._pending else 0.2)
         if messages and room > 1:
-            messages += consumer.consume(room - 1, timeout=0)
+            messages += self.consumer.consume(room - 1, timeout=0)
         for message in messages:
             error = message.error()
             if error is None:
@@ -214,38 +352,70 @@ class TransactionalStage:
         return bool(self._pending)
 
     def _process_batch(self) -> list[Output]:
-        """Handle queued events for up to ``commit_interval_s`` (at least one event)."""
+        """Hand queued events to the processor for up to ``commit_interval_s`` (at least one chunk)."""
         outputs: list[Output] = []
         deadline = time.monotonic() + self.commit_interval_s
         while self._pending:
-            message = self._pending.popleft()
-            outputs.extend(self.handle(message))
-            self._offsets.add(message)
+            chunk = [self._pending.popleft() for _ in range(min(self.chunk_size, len(self._pending)))]
+            for message in chunk:
+                self._offsets.add(message)  # before processing: a Backoff rewinds to them
+            outputs.extend(self.processor.process(chunk))
             if time.monotonic() >= deadline or self.stop_requested.is_set():
                 break
         return outputs
 
+    # -- waiting ------------------------------------------------------------------------
+    def _back_off(self, wait: Backoff) -> None:
+        """Throw the batch away, rewind to it, and wait ``wait.delay_s`` with every partition paused,
+        polling to stay in the group; a message that still arrives is rewound to and paused too."""
+        positions = {**self._first_pending(exclude=set()), **self._offsets.first}
+        rewind(self.consumer, positions)
+        self._aborted()
+        self.aborted_batches -= 1  # nothing was sent to Kafka: not an aborted transaction
+        self.consumer.pause(self.consumer.assignment())
+        deadline = time.monotonic() + wait.delay_s
+        while not self.stop_requested.is_set() and time.monotonic() < deadline:
+            for message in self.consumer.consume(1, timeout=0.1):
+                if message.error() is not None:
+                    continue
+                key = (message.topic(), message.partition())
+                positions[key] = min(positions.get(key, message.offset()), message.offset())
+                rewind(self.consumer, {key: positions[key]})
+                self.consumer.pause([TopicPartition(*key)])
+        self.consumer.resume(self.consumer.assignment())
+
+    # -- rebalances (inside consume) ------------------------------------------------------
     def _on_assign(self, consumer, partitions) -> None:
-        if self.on_assigned is None or not partitions:
+        if not partitions:
             return
-        # Asked with require_stable, this waits until the previous owner's last transactional
-        # offset commit is committed or aborted; state restored after it matches those offsets.
-        consumer.committed(partitions, timeout=60)
-        self.on_assigned(list(partitions))
+        if self.processor.tables:
+            # Asked with require_stable, this waits until the previous owner's last transactional
+            # offset commit is committed or aborted; state restored after it matches those offsets.
+            consumer.committed(partitions, timeout=60)
+            for table in self.processor.tables:
+                numbers = {tp.partition for tp in partitions if tp.topic in table.source_topics}
+                started = time.monotonic()
+                loaded = table.restore(numbers)
+                log.info("table partitions restored", extra={
+                    "table": table.changelog_topic, "partitions": sorted(numbers), "records": loaded,
+                    "seconds": round(time.monotonic() - started, 3)})
+        self.processor.assigned(list(partitions))
 
     def _on_revoke(self, _consumer, partitions) -> None:
-        # Called inside consume(), between transactions: whatever is still queued for
-        # these partitions is the next owner's now.
+        self._give_up(partitions, checkpoint=True)
+
+    def _on_lost(self, _consumer, partitions) -> None:
+        self._give_up(partitions, checkpoint=False)
+
+    def _give_up(self, partitions, checkpoint: bool) -> None:
+        # Called inside consume(), between transactions: whatever is still queued for these
+        # partitions is the next owner's now.
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._pending = deque(m for m in self._pending if (m.topic(), m.partition()) not in revoked)
         self._offsets.forget(partitions)
-        if self.on_revoked is not None:
-            self.on_revoked(list(partitions))
-
-    def _commit_at_least_once(self, producer, consumer, outputs: list[Output]) -> None:
-        for output in outputs:
-            produce(producer, output)
-        producer.flush(30)
-        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self._offsets.next.items()],
-                        asynchronous=False)
-        self._offsets.clear()
+        for table in self.processor.tables:
+            numbers = {tp.partition for tp in partitions if tp.topic in table.source_topics}
+            if checkpoint:
+                table.checkpoint(numbers)
+            table.drop(numbers)
+        self.processor.revoked(list(partitions))

@@ -1,20 +1,36 @@
-"""Consume-transform-produce transactions with confluent-kafka (KIP-447).
+"""How a batch is committed, aborted and retried: the engine's one set of rules.
 
 A batch's outputs and its consumed offsets commit in one Kafka transaction. The
-offsets carry the consumer's group metadata (generation and member id), so a
-process that lost its partitions in a rebalance (a "zombie": paused, partitioned
-away, or just slow) can no longer commit them: the broker refuses the offsets,
-the transaction is aborted and its outputs are never seen by read_committed
-readers. This is what makes a stage exactly-once across workers, crashes and
-rebalances, and it needs no fixed transactional id per partition.
+offsets carry the consumer's group metadata (generation and member id, KIP-447),
+so a process that lost its partitions in a rebalance (a "zombie": paused,
+partitioned away, or just slow) can no longer commit them: the broker refuses
+the offsets, the transaction is aborted and its outputs are never seen by
+read_committed readers. This is what makes a stage exactly-once across workers,
+crashes and rebalances, and it needs no fixed transactional id per partition.
+
+The rules, in the order :func:`commit_batch` applies them to a failed call
+(librdkafka's error flags, see confluent-kafka's transactions example):
+
+1. ``fatal()``: the producer is unusable (fenced, or its transaction timed out):
+   :class:`TransactionFailed`; the stage replaces the producer and rewinds the
+   consumer to its committed offsets.
+2. ``retriable()`` on a commit: the same call is tried again until the deadline
+   (librdkafka asks for that: the transaction may still commit).
+3. ``txn_requires_abort()``, or a retriable error past the deadline: the
+   transaction is aborted and the batch's partitions are rewound, so its events
+   are processed again, by this worker or by their new owner.
+4. Anything else, or an abort that fails: the producer's state is unknown, which
+   is treated as fatal (rule 1). Raising is never wrong here; committing twice is.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 from beamstream.errors import BeamstreamError
 
@@ -24,11 +40,19 @@ log = logging.getLogger(__name__)
 #: (a table's changelog record goes to its source event's partition).
 Output = tuple[str, bytes | None, bytes | None] | tuple[str, bytes | None, bytes | None, int]
 PartitionKey = tuple[str, int]  # (topic, partition)
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
 
 class TransactionFailed(BeamstreamError):
-    """The transactional producer hit a fatal error (fenced, or its transaction timed out):
-    it cannot be used again; a new producer must be made."""
+    """The transactional producer hit a fatal error (fenced, or its transaction timed out),
+    or its state is unknown: it cannot be used again; a new producer must be made."""
+
+
+class Outcome(enum.Enum):
+    """What became of a batch's transaction."""
+
+    COMMITTED = "committed"
+    ABORTED = "aborted"  # its events are processed again
 
 
 class BatchOffsets:
@@ -51,6 +75,10 @@ class BatchOffsets:
             self.first.pop((tp.topic, tp.partition), None)
             self.next.pop((tp.topic, tp.partition), None)
 
+    def to_commit(self) -> list[TopicPartition]:
+        """The offsets this batch commits."""
+        return [TopicPartition(topic, partition, offset) for (topic, partition), offset in self.next.items()]
+
     def clear(self) -> None:
         """Start a new batch."""
         self.first.clear()
@@ -61,49 +89,71 @@ class BatchOffsets:
 
 
 def commit_batch(producer, consumer, outputs: Iterable[Output], offsets: BatchOffsets,
-                 timeout_s: float = 60.0) -> bool:
-    """Produce ``outputs`` and commit ``offsets`` in one transaction.
+                 timeout_s: float = 30.0, on_delivery: dict[str, DeliveryCallback] | None = None) -> Outcome:
+    """Produce ``outputs`` and commit ``offsets`` in one transaction (the rules are the module's).
+    ``on_delivery`` names a delivery callback per topic (a table learns where its records landed).
 
-    Returns False when the broker made us abort (a rebalance took the partitions, or a
-    retriable failure): the consumer has then been rewound to the batch's first events,
-    so they are processed again, by this worker or by their new owner. Raises
-    :class:`TransactionFailed` on a fatal error, after which ``producer`` is unusable.
+    On :attr:`Outcome.ABORTED` the consumer has been rewound to the batch's first events.
+    Raises :class:`TransactionFailed` when the producer must be replaced; ``offsets`` is
+    cleared in every case.
     """
     try:
         producer.begin_transaction()
         for output in outputs:
-            produce(producer, output)
-        producer.send_offsets_to_transaction(
-            [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.next.items()],
-            consumer.consumer_group_metadata(), timeout_s)
-        producer.commit_transaction(timeout_s)
+            produce(producer, output, on_delivery)
+        _retrying(lambda: producer.send_offsets_to_transaction(
+            offsets.to_commit(), consumer.consumer_group_metadata(), timeout_s), timeout_s)
+        _retrying(lambda: producer.commit_transaction(timeout_s), timeout_s)
     except KafkaException as exc:
-        error = exc.args[0]
-        if error.fatal() or not error.txn_requires_abort() and not error.retriable():
+        error: KafkaError = exc.args[0]
+        if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
+            offsets.clear()
             raise TransactionFailed(f"transaction failed: {error.str()}") from None
         log.warning("transaction aborted, its events will be processed again: %s", error.str())
         try:
             producer.abort_transaction(timeout_s)
         except KafkaException as abort_exc:
+            offsets.clear()
             raise TransactionFailed(f"abort failed: {abort_exc.args[0].str()}") from None
-        rewind(consumer, offsets.first)
+        finally:
+            rewind(consumer, offsets.first)
         offsets.clear()
-        return False
+        return Outcome.ABORTED
     offsets.clear()
-    return True
+    return Outcome.COMMITTED
 
 
-def produce(producer, output: Output) -> None:
+def _retrying(call: Callable[[], None], timeout_s: float) -> None:
+    """Run ``call``, again while it fails with a retriable error that does not need an abort (rule 2)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            call()
+            return
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if (error.fatal() or error.txn_requires_abort() or not error.retriable()
+                    or time.monotonic() >= deadline):
+                raise
+            log.info("transaction call failed, trying again: %s", error.str())
+            time.sleep(0.01)
+
+
+def produce(producer, output: Output, on_delivery: dict[str, DeliveryCallback] | None = None) -> None:
     """Produce one output (to its own partition when it names one)."""
     topic, key, value, *partition = output
+    extra = {}
     if partition:
-        producer.produce(topic, value, key, partition=partition[0])
-    else:
-        producer.produce(topic, value, key)
+        extra["partition"] = partition[0]
+    if on_delivery and topic in on_delivery:
+        extra["on_delivery"] = on_delivery[topic]
+    producer.produce(topic, value, key, **extra)
 
 
 def rewind(consumer, first: dict[PartitionKey, int]) -> None:
     """Seek each partition still assigned back to ``first`` (the batch's first offsets)."""
+    if not first:
+        return
     assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
     for (topic, partition), offset in first.items():
         if (topic, partition) in assigned:
@@ -118,3 +168,15 @@ def rewind_to_committed(consumer, timeout_s: float = 30.0) -> None:
         return
     for tp in consumer.committed(assignment, timeout=timeout_s):
         consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+
+
+def commit_at_least_once(producer, consumer, outputs: Iterable[Output], offsets: BatchOffsets,
+                         on_delivery: dict[str, DeliveryCallback] | None = None) -> Outcome:
+    """Flush ``outputs``, then commit ``offsets`` (no transaction: only to measure what exactly-once costs)."""
+    for output in outputs:
+        produce(producer, output, on_delivery)
+    producer.flush(30)
+    if offsets:
+        consumer.commit(offsets=offsets.to_commit(), asynchronous=False)
+    offsets.clear()
+    return Outcome.COMMITTED

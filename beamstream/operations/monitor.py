@@ -29,7 +29,7 @@ from beamstream.platform.settings import Settings
 from beamstream.platform.topics import group_name, topic_name
 from beamstream.schemas.serde import make_serde
 
-log = logging.getLogger("beamstream.monitor")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
 from beamstream.diffraction.errors import FrameIndexError, GeometryError, ImageReadError
 from beamstream.diffraction.image import DetectorGeometry, DiffractionImage
 

@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
 from beamstream.diffraction.detectors import find_layout, module_gap_mask, sensor_mu_per_mm
 from beamstream.diffraction.errors import GeometryError, ImageReadError
 from beamstream.diffraction.image import DiffractionImage

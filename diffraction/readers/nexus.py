@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from beamstream.diffraction.detectors import sensor_mu_per_mm
 from beamstream.diffraction.errors import DiffractionError, FrameIndexError, GeometryError, ImageReadError
 from beamstream.diffraction.image import DetectorGeometry, DiffractionImage

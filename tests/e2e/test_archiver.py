@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from beamstream.connectors.archiver import Archiver
 from beamstream.connectors.manifests import (
     build_manifest,
@@ -26,12 +27,11 @@ from beamstream.connectors.manifests import (
 from beamstream.diffraction.image import DiffractionImage
 from beamstream.diffraction.synthetic import SyntheticSpec, generate_image
 from beamstream.diffraction.writers import write_nexus
-from beamstream.producers.events import EventPublisher, collection_ended, collection_started
-from beamstream.schemas.keys import dcid_key
-
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.settings import load_settings
 from beamstream.platform.topics import topic_name
+from beamstream.producers.events import EventPublisher, collection_ended, collection_started
+from beamstream.schemas.keys import dcid_key
 from tests.helpers.harness import TopicReader, service_env
 
 

@@ -18,12 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from beamstream.connectors.ispyb_schema import create_schema, make_engine
-from beamstream.producers.events import EventPublisher, collection_started, image_arrived
 from sqlalchemy import text
 
 from beamstream.cli.commands.demo import register_collection
+from beamstream.connectors.ispyb_schema import create_schema, make_engine
 from beamstream.platform.settings import load_settings
+from beamstream.producers.events import EventPublisher, collection_started, image_arrived
 from tests.helpers.harness import ServiceProcess, free_port_pair, service_env
 from tests.helpers.metrics_helpers import scrape, value
 

@@ -11,14 +11,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
-from beamstream.schemas.keys import dcid_key, image_key
 
 from beamstream.platform.dlq import DeadLetterEntry, DeadLetterError, _normal_id, _Resolutions
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.retained import Record, offset_bounds, open_reader, partitions_of, read_topic
 from beamstream.platform.settings import load_settings
 from beamstream.platform.topics import topic_name
+from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
+from beamstream.schemas.keys import dcid_key, image_key
 from tests.helpers.cli_run import one_line_error, run_cli
 from tests.helpers.harness import ServiceProcess, TopicReader
 

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+
 from beamstream.connectors.ispyb_collections import read_collection
 from beamstream.connectors.ispyb_schema import make_engine
-
 from beamstream.platform.settings import load_settings
 from tests.helpers.harness import service_env
 

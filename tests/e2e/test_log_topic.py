@@ -9,7 +9,6 @@ import time
 import uuid
 
 import pytest
-from beamstream.producers.events import EventPublisher, collection_ended
 from prometheus_client import REGISTRY
 
 import beamstream.platform.metrics  # noqa: F401  (defines the dropped-records counter)
@@ -18,6 +17,7 @@ from beamstream.platform.kafka_clients import make_consumer
 from beamstream.platform.logs import LIBRDKAFKA_LOGGER, JsonFormatter, KafkaLogHandler
 from beamstream.platform.settings import load_settings
 from beamstream.platform.topics import topic_name
+from beamstream.producers.events import EventPublisher, collection_ended
 from tests.helpers.harness import ServiceProcess
 
 

@@ -6,13 +6,13 @@ import time
 from collections import Counter
 
 import pytest
-from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
-from beamstream.schemas.keys import image_key
 
 from beamstream.operations.scaling import ScalingMemory, ScalingPolicy, decide, workers_for
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.metrics import METRICS_PORT_ENV
 from beamstream.platform.topics import topic_name
+from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
+from beamstream.schemas.keys import image_key
 from tests.helpers.harness import ServiceProcess, TopicReader, free_port_pair
 from tests.helpers.metrics_helpers import scrape, value
 

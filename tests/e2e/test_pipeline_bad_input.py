@@ -6,12 +6,12 @@ from __future__ import annotations
 import bz2
 
 import pytest
-from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
-from beamstream.schemas.keys import dcid_key
 
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.settings import load_settings
 from beamstream.platform.topics import apply_topics, topic_name
+from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
+from beamstream.schemas.keys import dcid_key
 from tests.helpers.harness import ServiceProcess, TopicReader
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

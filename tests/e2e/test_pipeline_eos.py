@@ -16,9 +16,9 @@ import time
 from collections import Counter
 
 import pytest
+
 from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
 from beamstream.streams import collection_state as cs
-
 from tests.helpers.harness import ServiceProcess, Supervisor, TopicReader
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -10,13 +10,13 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
-from beamstream.schemas.keys import dcid_key
-from beamstream.schemas.serde import make_serde
 
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.lag import GroupLag
 from beamstream.platform.topics import group_name, topic_name
+from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
+from beamstream.schemas.keys import dcid_key
+from beamstream.schemas.serde import make_serde
 from schemas.examples import sample_event
 from tests.helpers.harness import ServiceProcess, TopicReader
 

@@ -7,11 +7,11 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
-from beamstream.producers.events import EventPublisher, image_arrived
-from beamstream.producers.replay import ReplayError, plan_replay
 
 from beamstream.platform.retained import offset_bounds, open_reader, partitions_of, read_topic
 from beamstream.platform.topics import topic_name
+from beamstream.producers.events import EventPublisher, image_arrived
+from beamstream.producers.replay import ReplayError, plan_replay
 from tests.helpers.cli_run import one_line_error, run_cli
 
 pytestmark = pytest.mark.kafka

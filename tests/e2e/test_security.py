@@ -156,9 +156,8 @@ def test_service_user_is_denied_outside_its_prefix(scram_cluster) -> None:
 
 def test_a_worker_runs_as_the_service_user(scram_cluster, tmp_path) -> None:
     """`beamstream worker` (both stages: consumer groups, transactions, tables) works on the SCRAM cluster."""
-    from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
-
     from beamstream.platform.topics import apply_topics
+    from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
     from tests.helpers.harness import TopicReader
 
     settings, _, env = scram_cluster

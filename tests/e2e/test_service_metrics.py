@@ -7,11 +7,11 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+
 from beamstream.connectors.ispyb_collections import create_collection
 from beamstream.connectors.ispyb_schema import create_schema, make_engine
 from beamstream.producers.events import EventPublisher, collection_ended, collection_started
 from beamstream.schemas.keys import dcid_key
-
 from tests.helpers.harness import ServiceProcess, free_port_pair
 from tests.helpers.ispyb_helpers import publish, publish_raw, result, scalar, summary
 from tests.helpers.metrics_helpers import Samples, scrape, value

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from beamstream.diffraction.centring import GridShape, find_xray_centre
 from beamstream.diffraction.readers import count_frames, open_image
 from beamstream.producers.simulator import SimulationError, grid_crystal, simulate_gridscan, simulate_rotation
-from beamstream.streams.image_analysis import analyse_file
-
+from beamstream.streams.analysers import analyse_file
 from tests.helpers.harness import TopicReader, service_env
 
 SMALL = "eiger2-1m"  # the fastest preset to draw

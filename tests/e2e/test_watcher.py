@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from beamstream.diffraction.synthetic import SyntheticSpec, generate_frames, generate_image
 from beamstream.diffraction.writers import nexus_file_names, write_cbf, write_nexus
 from beamstream.producers.events import EventPublisher
@@ -25,7 +26,6 @@ from beamstream.producers.scanning import (
     make_scanner,
 )
 from beamstream.producers.watcher import watch
-
 from tests.helpers.harness import TopicReader
 
 SMALL = SyntheticSpec(detector="eiger2_1m")

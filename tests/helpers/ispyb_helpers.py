@@ -7,17 +7,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
-from beamstream.connectors.ispyb_schema import create_schema, make_engine
-from beamstream.connectors.ispyb_sink import IspybSink, SinkOptions, SinkStats
-from beamstream.schemas.keys import dcid_key
-from beamstream.schemas.serde import make_serde
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
+from beamstream.connectors.ispyb_schema import create_schema, make_engine
+from beamstream.connectors.ispyb_sink import IspybSink, SinkOptions, SinkStats
 from beamstream.platform.kafka_clients import make_consumer, make_producer
 from beamstream.platform.lag import GroupLag
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import topic_name
+from beamstream.schemas.keys import dcid_key
+from beamstream.schemas.serde import make_serde
 from schemas.examples import sample_event
 
 #: Quick backoff so outage tests resume within a second of the database coming back.

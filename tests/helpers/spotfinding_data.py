@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from beamstream.diffraction.image import DiffractionImage
 
 DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -28,6 +29,7 @@ def thaumatin_path(number: int) -> Path:
 def _open_with_fabio(path: Path) -> DiffractionImage:
     """Fallback reader: fabio on the decompressed CBF, mask = 0 <= counts <= Count_cutoff."""
     import fabio
+
     from beamstream.diffraction.image import DetectorGeometry
 
     raw = bz2.decompress(path.read_bytes())

@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+
 from beamstream.dashboard.auth import AuthError, authenticate
 from beamstream.dashboard.view import DashboardView
 from beamstream.dashboard.web import create_app
-
 from beamstream.platform.settings import load_settings
 
 DCID = 4242

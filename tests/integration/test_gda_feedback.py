@@ -3,13 +3,13 @@
 import socket
 
 import pytest
-from beamstream.connectors.gda_feedback import GdaFeedback, parse_address, pia_datagram
-from beamstream.schemas.keys import dcid_key
-from beamstream.schemas.serde import make_serde
 
+from beamstream.connectors.gda_feedback import GdaFeedback, parse_address, pia_datagram
 from beamstream.errors import BeamstreamError
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.topics import topic_name
+from beamstream.schemas.keys import dcid_key
+from beamstream.schemas.serde import make_serde
 from schemas.examples import sample_event
 
 

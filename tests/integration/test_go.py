@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from beamstream.connectors.ispyb_collections import CollectionRecord, create_collection
-from beamstream.producers.go import GoError, frames, parse_parameters
 from sqlalchemy import text
 
 from beamstream.cli.main import main
+from beamstream.connectors.ispyb_collections import CollectionRecord, create_collection
 from beamstream.errors import BeamstreamError
+from beamstream.producers.go import GoError, frames, parse_parameters
 from tests.helpers.ispyb_helpers import (
     SinkThread,
     end_offsets,

@@ -7,16 +7,16 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import text
+
 from beamstream.connectors import ispyb_mapping as mapping
 from beamstream.connectors.ispyb_collections import create_collection
 from beamstream.connectors.ispyb_schema import create_schema, make_engine
 from beamstream.connectors.ispyb_writer import DataRefused, IspybWriter
-from beamstream.schemas.keys import dcid_key
-from beamstream.schemas.serde import make_serde
-from sqlalchemy import text
-
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.topics import topic_name
+from beamstream.schemas.keys import dcid_key
+from beamstream.schemas.serde import make_serde
 from schemas.examples import sample_event
 from tests.helpers.ispyb_helpers import (
     SinkThread,

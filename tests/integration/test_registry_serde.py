@@ -17,6 +17,13 @@ from pathlib import Path
 
 import fastavro
 import pytest
+from fastavro.schema import to_parsing_canonical_form
+
+from beamstream.operations.artifacts import load_lock
+from beamstream.operations.registry import LOCK_FILE, LocalRegistry, RegistryError
+from beamstream.platform.kafka_clients import make_producer
+from beamstream.platform.settings import load_settings
+from beamstream.platform.topics import declared_topics
 from beamstream.schemas.serde import (
     HISTORY_DIR,
     SCHEMA_DIR,
@@ -27,13 +34,6 @@ from beamstream.schemas.serde import (
     SerdeError,
     UnknownSchemaError,
 )
-from fastavro.schema import to_parsing_canonical_form
-
-from beamstream.operations.artifacts import load_lock
-from beamstream.operations.registry import LOCK_FILE, LocalRegistry, RegistryError
-from beamstream.platform.kafka_clients import make_producer
-from beamstream.platform.settings import load_settings
-from beamstream.platform.topics import declared_topics
 from schemas.examples import sample_event
 from tests.helpers.harness import read_decoded
 

@@ -4,6 +4,9 @@ import io
 
 import fastavro
 import pytest
+
+from beamstream.platform.kafka_clients import make_producer
+from beamstream.platform.topics import declared_topics
 from beamstream.schemas.serde import (
     CorruptMessageError,
     InvalidRecordError,
@@ -12,9 +15,6 @@ from beamstream.schemas.serde import (
     SingleObjectSerde,
     UnknownSchemaError,
 )
-
-from beamstream.platform.kafka_clients import make_producer
-from beamstream.platform.topics import declared_topics
 from schemas.examples import sample_event, sample_names
 from tests.helpers.harness import read_decoded
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from beamstream.diffraction.analysis import (
     IMAGE_ANALYSIS_FIELDS,
     ImageAnalysis,
@@ -14,7 +15,6 @@ from beamstream.diffraction.analysis import (
 from beamstream.diffraction.dials_backend import dials_available
 from beamstream.diffraction.errors import BackendUnavailableError, SpotFindingError, SpotFindingParameterError
 from beamstream.diffraction.image import DetectorGeometry, DiffractionImage
-
 from tests.helpers.spotfinding_data import load_thaumatin
 
 EXPECTED_KEYS = {

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from beamstream.diffraction.analysis import analyse_image
 from beamstream.diffraction.errors import DiffractionError, FrameIndexError, GeometryError, ImageReadError
 from beamstream.diffraction.image import DiffractionImage

@@ -5,11 +5,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+
+from beamstream.cli.heatmap import render_heat_map
 from beamstream.diffraction.centring import GridShape, combine_orthogonal, find_xray_centre
 from beamstream.streams import collection_state as cs
 from beamstream.streams import sample_centring
-
-from beamstream.cli.heatmap import render_heat_map
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

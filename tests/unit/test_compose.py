@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tomllib
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from beamstream.diffraction.detectors import PILATUS, module_gap_mask
 from beamstream.diffraction.errors import FrameIndexError
 from beamstream.diffraction.image import DiffractionImage

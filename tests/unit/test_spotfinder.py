@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from beamstream.diffraction.errors import SpotFindingError, SpotFindingParameterError
 from beamstream.diffraction.spotfinder import SPOT_DTYPE, SpotFilterParams, find_spots
 from beamstream.diffraction.threshold import threshold_image
-
 from tests.helpers.dials_reference import reference_spots
 from tests.helpers.spotfinding_data import load_thaumatin
 

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+
 from beamstream.diffraction.dxtbx_models import (
     detector_geometry_from_experiments,
     load_experiments,
@@ -29,7 +30,6 @@ from beamstream.diffraction.statistics import (
     statistics_from_spots,
     stats_for_spots,
 )
-
 from tests.helpers.spotfinding_data import centroid_data
 
 DIALS_EXPECTED = {

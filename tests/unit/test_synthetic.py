@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+
 from beamstream.diffraction.analysis import analyse_image
 from beamstream.diffraction.detectors import PRESETS, module_gap_mask
 from beamstream.diffraction.synthetic import ICE_RINGS, SyntheticSpec, generate_frames, generate_image

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from beamstream.diffraction.errors import SpotFindingParameterError
 from beamstream.diffraction.threshold import BIG, ThresholdParams, erode_not_background, threshold_image
-
 from tests.helpers.dials_reference import (
     chebyshev_distance,
     reference_dispersion,

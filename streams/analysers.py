@@ -1,7 +1,8 @@
-"""What a worker does with one image: read it, analyse it, shape the result fields.
+"""Analysers: what the analysis stage runs on one image (read it, analyse it, shape the result fields).
 
-No Kafka here: the agent calls :func:`analyse_file` in a thread and wraps the
-returned fields into an ImageResult.
+An analyser is a function (file path, frame index) -> ImageResult fields. No Kafka here:
+the analysis stage (:mod:`beamstream.streams.analysis_stage`) calls one per image event and
+wraps the fields into an ImageResult.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from beamstream.diffraction.analysis import SpotFindingParams, analyse_image
 from beamstream.diffraction.readers import open_image
 from beamstream.diffraction.resolution import spot_rlp_norm
@@ -18,8 +20,8 @@ from beamstream.diffraction.statistics import PerImageStatistics
 
 BRIGHTEST_SPOTS = 20
 
-#: An analysis: (file path, frame index) -> ImageResult fields.
-Analysis = Callable[[str, int], dict]
+#: An analyser: (file path, frame index) -> ImageResult fields.
+Analyser = Callable[[str, int], dict]
 
 
 def _brightest(spots: np.ndarray, geometry) -> list[dict]:
@@ -63,7 +65,7 @@ def noop_analysis(path: str, frame_index: int) -> dict:
     }
 
 
-def timed_noop_analysis(seconds: float) -> Analysis:
+def timed_noop_analysis(seconds: float) -> Analyser:
     """A no-op analysis that takes ``seconds`` (sleeping, so it costs no CPU): sizes a deployment and
     tests scaling with an analysis time like the real one's, on machines with fewer cores than workers."""
     def analysis(path: str, frame_index: int) -> dict:
@@ -73,6 +75,9 @@ def timed_noop_analysis(seconds: float) -> Analysis:
         return fields
     analysis.backend = "noop"  # type: ignore[attr-defined]
     return analysis
+
+
+noop_analysis.backend = "noop"  # type: ignore[attr-defined]
 
 
 def path_within_roots(path: str, roots: tuple[str, ...]) -> bool:

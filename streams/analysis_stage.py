@@ -1,0 +1,111 @@
+"""The analysis stage: image events in, one result (or one dead letter) per image out.
+
+Consumer group ``<prefix>analysis`` on the images topic. Each result commits with its
+image event's offset in one KIP-447 transaction (:mod:`beamstream.engine`). Any worker may
+take any image partition, so the analysis scales with the number of workers. A failing
+image is retried with backoff before it goes to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from confluent_kafka import Message
+
+from beamstream.diffraction.errors import DiffractionError, SpotFindingError
+from beamstream.engine.dead_letters import DeadLetters
+from beamstream.engine.stage import Processor
+from beamstream.engine.transactions import Output
+from beamstream.platform import metrics
+from beamstream.platform.settings import Settings
+from beamstream.platform.topics import topic_name
+from beamstream.schemas.keys import dcid_key
+from beamstream.schemas.serde import Serde, SerdeError
+from beamstream.streams.analysers import Analyser, noop_analysis, path_within_roots
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often an image is tried before it goes to the dead-letter topic."""
+
+    attempts: int = 3
+    backoff_s: float = 0.5  # first retry delay, doubled each time
+
+
+class AnalysisProcessor(Processor):
+    """Turns image events into ImageResults with ``analyser``; stamps each with ``worker_id``."""
+
+    def __init__(self, settings: Settings, serde: Serde, analyser: Analyser, worker_id: str,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
+        self.settings, self.serde, self.analyser, self.worker_id, self.retry = (
+            settings, serde, analyser, worker_id, retry)
+        self.images_topic = topic_name(settings, "images")
+        self.results_topic = topic_name(settings, "results")
+        self.dead_letters = DeadLetters(serde, topic_name(settings, "deadletter"), "worker/{topic}")
+        self.images_analysed = 0
+        self.dead_lettered = 0
+
+    def process(self, messages: list[Message]) -> list[Output]:
+        """One result or dead letter per image event; never raises for bad input."""
+        return [self.analyse_event(message) for message in messages]
+
+    def analyse_event(self, message: Message) -> Output:
+        """The result of one image event, or its dead letter."""
+        try:
+            image = self.serde.decode(message.value(), self.images_topic, "ImageArrived").value
+        except SerdeError as exc:
+            return self._dead_letter(message, str(exc), type(exc).__name__)
+        dcid, number, path = image["dcid"], image["image_number"], image["file_path"]
+        if not path_within_roots(path, self.settings.data_roots):
+            reason = f"{path} is outside the configured data roots ({', '.join(self.settings.data_roots)})"
+            return self._dead_letter(message, reason, "OutsideDataRoots", dcid=dcid, image_number=number)
+        fields, error, attempts = self._analyse_with_retries(image)
+        if fields is None:
+            reason = f"image {number} of dcid {dcid} ({path}, frame {image['frame_index']}): {error}"
+            return self._dead_letter(message, reason, type(error).__name__, attempts=attempts, dcid=dcid,
+                                     image_number=number)
+        result = {
+            "dcid": dcid, "image_number": number, "file_path": path, "frame_index": image["frame_index"],
+            "processing_job_id": image["processing_job_id"], **fields,
+            "event_time": image["arrival_time"], "result_time": datetime.now(UTC), "worker_id": self.worker_id,
+        }
+        self.images_analysed += 1
+        latency_s = (result["result_time"] - image["arrival_time"]).total_seconds()
+        metrics.image_analysed(latency_s, result["analysis_time_s"])
+        log.info("image analysed", extra={
+            "dcid": dcid, "image": number, "spots": result["n_spots_no_ice"],
+            "d_min": result["estimated_d_min"], "latency_ms": round(latency_s * 1000, 1)})
+        return (self.results_topic, dcid_key(dcid), self.serde.encode("ImageResult", result, self.results_topic))
+
+    def _analyse_with_retries(self, image: dict) -> tuple[dict | None, BaseException | None, int]:
+        """(result fields or None, the last error, attempts made)."""
+        dcid, number, path, frame = image["dcid"], image["image_number"], image["file_path"], image["frame_index"]
+        error: BaseException | None = None
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                return self.analyser(path, frame), None, attempt
+            except SpotFindingError as exc:
+                # DIALS refuses frames that are mostly "strong" (saturated, blank with
+                # noise); the beamline still needs a result for that grid position.
+                log.warning("no usable spots: %s", exc, extra={"dcid": dcid, "image": number})
+                fields = noop_analysis(path, frame)
+                fields["analysis_backend"] = "refused"
+                return fields, None, attempt
+            except (DiffractionError, OSError) as exc:
+                error = exc
+            except Exception as exc:  # a bug in analysis must not stop the collection
+                error = exc
+                log.exception("analysis failed", extra={"dcid": dcid, "image": number})
+            if attempt < self.retry.attempts:
+                time.sleep(self.retry.backoff_s * 2 ** (attempt - 1))
+        return None, error, self.retry.attempts
+
+    def _dead_letter(self, message: Message, reason: str, error_type: str, **context) -> Output:
+        self.dead_lettered += 1
+        metrics.dead_lettered(error_type)
+        return self.dead_letters.output(message, reason, error_type, **context)
