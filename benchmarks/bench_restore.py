@@ -190,13 +190,25 @@ def make_checker(collections: int, images: int, partitions: int) -> Callable[[Ch
     return check
 
 
-def restore_modes(settings: Settings, topic: str) -> Iterator[tuple[str, Callable[[], ChangelogTable]]]:
+def restore_modes(settings: Settings, topic: str, partitions: int
+                  ) -> Iterator[tuple[str, Callable[[], ChangelogTable]]]:
     """The tables to time, by name: each a factory of a fresh table object over the filled changelog.
 
-    Another mode (e.g. a table restoring from a local checkpoint) is one more ``yield`` here.
+    ``changelog``: no checkpoints, every partition read from the changelog's start (the table before
+    checkpoints). ``checkpoint``: a checkpoint of every partition written first (outside the clock), as a
+    worker leaves one behind when its partitions are revoked or it stops; the restore reads it and the
+    changelog past it.
     """
-    yield "changelog", lambda: ChangelogTable(settings, topic, cs.CollectionState.to_json,
-                                              cs.CollectionState.from_json)
+    def encoded(**options) -> ChangelogTable:
+        return ChangelogTable(settings, topic, cs.CollectionState.to_json, cs.CollectionState.from_json,
+                              copy_value=cs.CollectionState.copy, **options)
+
+    yield "changelog", lambda: encoded(checkpoints=False)
+    seeded = encoded()
+    seeded.restore(range(partitions))
+    written = seeded.checkpoint()
+    print(f"checkpoints written: {written}", file=sys.stderr, flush=True)
+    yield "checkpoint", encoded
 
 
 def main() -> int:
@@ -228,7 +240,7 @@ def main() -> int:
                       "collections": args.collections, "versions": args.versions, "images": args.images,
                       "partitions": args.partitions, **fill, "restore": {}}
             check = make_checker(args.collections, args.images, args.partitions)
-            for name, make_table in restore_modes(settings, topic):
+            for name, make_table in restore_modes(settings, topic, args.partitions):
                 print(f"timing restore: {name}", file=sys.stderr, flush=True)
                 report["restore"][name] = time_restore(make_table, range(args.partitions), args.runs, check)
         finally:
