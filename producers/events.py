@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from beamstream.engine.atomic_writer import AtomicWriter, OutRecord
 from beamstream.errors import BeamstreamError
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.settings import Settings
@@ -150,14 +151,9 @@ class EventPublisher:
         for event in events:  # encode everything first: a bad event aborts nothing half-sent
             topic = self._topics[event.record_type]
             encoded.append((topic, event.key, self.serde.encode(event.record_type, event.value, topic)))
-        self._producer.begin_transaction()
-        try:
+        with AtomicWriter(producer=self._producer) as writer:
             for topic, key, value in encoded:
-                self._producer.produce(topic, value, key, headers=list(headers) or None)
-            self._producer.commit_transaction(60)
-        except BaseException:
-            self._producer.abort_transaction(30)
-            raise
+                writer.produce(OutRecord(topic, key, value, list(headers)))
         return len(encoded)
 
     def close(self) -> None:

@@ -20,10 +20,9 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
+from beamstream.engine.atomic_writer import AtomicWriter, OutRecord
 from beamstream.errors import BeamstreamError
 from beamstream.platform.retained import (
-    AtomicWriter,
-    OutRecord,
     header_count,
     offset_bounds,
     offsets_at,

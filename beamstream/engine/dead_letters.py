@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Message
 
+from beamstream.engine.dead_letter_store import REINJECTED_HEADER
 from beamstream.engine.transactions import Output
-from beamstream.platform.dlq import REINJECTED_HEADER
 from beamstream.platform.retained import header_count
 
 log = logging.getLogger(__name__)

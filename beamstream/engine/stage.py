@@ -339,8 +339,13 @@ class Stage:
         # consume(n, timeout) waits for n messages or the timeout, so block for the first event
         # only (when idle) and then take what is already fetched: a batch never waits to fill up.
         messages = self.consumer.consume(1, timeout=0 if self._pending else 0.2)
+        # Queued before the second consume: a revocation served in there must drop them too.
+        self._queue(messages)
         if messages and room > 1:
-            messages += self.consumer.consume(room - 1, timeout=0)
+            self._queue(self.consumer.consume(room - 1, timeout=0))
+        return bool(self._pending)
+
+    def _queue(self, messages: list[Message]) -> None:
         for message in messages:
             error = message.error()
             if error is None:
@@ -349,7 +354,6 @@ class Stage:
                 if error.fatal():
                     raise KafkaException(error)
                 log.warning("%s: consumer error: %s", self.name, error.str())
-        return bool(self._pending)
 
     def _process_batch(self) -> list[Output]:
         """Hand queued events to the processor for up to ``commit_interval_s`` (at least one chunk)."""

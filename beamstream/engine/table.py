@@ -72,9 +72,9 @@ class ChangelogTable(Generic[V]):
 
     # -- the transaction ------------------------------------------------------------
     def get(self, partition: int, key: bytes) -> V | None:
-        """The value of ``key`` (None if absent), as this transaction sees it.
-
-        The value is the caller's own: changing it changes nothing until :meth:`put`."""
+        """The value of ``key`` (None if absent), as this transaction sees it: the value this transaction
+        put, or else a private copy of the committed one, so the committed state never changes but by
+        :meth:`commit`. Changes to it are this transaction's once it is :meth:`put` (again)."""
         buffered = self._buffer.get((partition, key))
         if buffered is not None:
             return buffered

@@ -29,6 +29,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
@@ -40,7 +41,19 @@ log = logging.getLogger(__name__)
 #: (a table's changelog record goes to its source event's partition).
 Output = tuple[str, bytes | None, bytes | None] | tuple[str, bytes | None, bytes | None, int]
 PartitionKey = tuple[str, int]  # (topic, partition)
+Headers = list[tuple[str, bytes | None]]
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    """One record to produce; ``partition`` None means the key decides (the live partitioner)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = field(default_factory=list)
+    partition: int | None = None
 
 
 class TransactionFailed(BeamstreamError):
@@ -113,10 +126,9 @@ def commit_batch(producer, consumer, outputs: Iterable[Output], offsets: BatchOf
         try:
             producer.abort_transaction(timeout_s)
         except KafkaException as abort_exc:
-            offsets.clear()
+            offsets.clear()  # the caller rewinds to the committed offsets with the new producer
             raise TransactionFailed(f"abort failed: {abort_exc.args[0].str()}") from None
-        finally:
-            rewind(consumer, offsets.first)
+        rewind(consumer, offsets.first)
         offsets.clear()
         return Outcome.ABORTED
     offsets.clear()
@@ -180,3 +192,18 @@ def commit_at_least_once(producer, consumer, outputs: Iterable[Output], offsets:
         consumer.commit(offsets=offsets.to_commit(), asynchronous=False)
     offsets.clear()
     return Outcome.COMMITTED
+
+
+def commit_producer_transaction(producer, timeout_s: float = 60.0) -> None:
+    """Commit a producer-only transaction (no consumed offsets), retrying while librdkafka says so (rule 2).
+    Raises the KafkaException otherwise; the caller aborts."""
+    _retrying(lambda: producer.commit_transaction(timeout_s), timeout_s)
+
+
+def abort_quietly(producer, timeout_s: float = 30.0) -> None:
+    """Abort a producer-only transaction; a failure is not reported, because a fenced or timed-out
+    producer's transaction is aborted by the broker anyway, and the error that led here is the one to tell."""
+    try:
+        producer.abort_transaction(timeout_s)
+    except KafkaException as exc:
+        log.info("abort failed (the broker aborts the transaction): %s", exc.args[0].str())

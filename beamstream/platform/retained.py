@@ -1,9 +1,10 @@
-"""Bounded reads of a topic's retained records, and writing records back in one transaction.
+"""Bounded reads of a topic's retained records.
 
 What the dead-letter tools, replay and the archiver's start-up share: find a
 topic's partitions and offset ranges (by offset or by time), read exactly a
 range with ``read_committed`` (aborted and still-open transactions stay
-invisible), and produce records atomically, learning where each one landed.
+invisible). Writing them back in one transaction is the engine's
+(:class:`beamstream.engine.atomic_writer.AtomicWriter`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from beamstream.errors import BeamstreamError
-from beamstream.platform.kafka_clients import make_consumer, make_producer
+from beamstream.platform.kafka_clients import make_consumer
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import declared_topics
 
@@ -44,17 +45,6 @@ class Record:
     def id(self) -> str:
         """``partition:offset``: how people name a record of a known topic."""
         return f"{self.partition}:{self.offset}"
-
-
-@dataclass(frozen=True)
-class OutRecord:
-    """One record to produce; ``partition`` None means the key decides (the live partitioner)."""
-
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: Headers = field(default_factory=list)
-    partition: int | None = None
 
 
 def resolve_topic(settings: Settings, name: str) -> str:
@@ -193,80 +183,3 @@ def header_count(headers: Sequence[tuple[str, bytes | None]] | None, name: str) 
 def with_header(headers: Sequence[tuple[str, bytes | None]] | None, name: str, value: bytes) -> Headers:
     """``headers`` with every ``name`` header replaced by one carrying ``value`` (order otherwise kept)."""
     return [(k, v) for k, v in headers or () if k != name] + [(name, value)]
-
-
-class AtomicWriter:
-    """One Kafka transaction: produce records, learn where they landed, then commit, or abort on error.
-
-    Use as a context manager; leaving the block normally commits, an exception aborts
-    (nothing becomes visible to read_committed consumers).
-    """
-
-    def __init__(self, settings: Settings, transactional_id: str, timeout_s: float = 60.0) -> None:
-        # init_transactions fences any earlier producer with this id and completes (aborts)
-        # its open transaction, so whatever is read after this sees a settled topic.
-        self.producer: Producer = make_producer(settings, transactional_id=transactional_id,
-                                                **{"transaction.timeout.ms": int(timeout_s * 1000)})
-        self._positions: list[tuple[int, int] | None] = []
-        self._errors: list[str] = []
-        self._open = False
-
-    def __enter__(self) -> AtomicWriter:
-        self.producer.begin_transaction()
-        self._open = True
-        return self
-
-    def produce(self, record: OutRecord) -> int:
-        """Queue one record; returns its index for :meth:`positions`."""
-        index = len(self._positions)
-        self._positions.append(None)
-
-        def delivered(error, message, index=index) -> None:
-            if error is not None:
-                self._errors.append(f"{record.topic}: {error.str()}")
-            else:
-                self._positions[index] = (message.partition(), message.offset())
-
-        kwargs = {"partition": record.partition} if record.partition is not None else {}
-        while True:
-            try:
-                self.producer.produce(record.topic, record.value, record.key, headers=record.headers or None,
-                                      on_delivery=delivered, **kwargs)
-                break
-            except BufferError:  # the local queue is full: let deliveries drain it
-                self.producer.poll(0.5)
-            except KafkaException as exc:
-                raise RetainedError(f"cannot produce to {record.topic}: {exc.args[0].str()}") from None
-        self.producer.poll(0)
-        return index
-
-    def positions(self, timeout: float = 60.0) -> list[tuple[int, int]]:
-        """Wait for every record so far to be acknowledged; their (partition, offset), in produce order."""
-        if self.producer.flush(timeout) > 0:
-            raise RetainedError(f"records not acknowledged within {timeout:.0f} s")
-        if self._errors:
-            raise RetainedError(f"producing failed: {self._errors[0]}")
-        return [p for p in self._positions if p is not None]
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._open:
-            return
-        self._open = False
-        if exc_type is None:
-            try:
-                self.positions()
-                self.producer.commit_transaction(60)
-                return
-            except (KafkaException, RetainedError) as error:
-                self._abort()
-                detail = error.args[0].str() if isinstance(error, KafkaException) else str(error)
-                raise RetainedError(f"transaction aborted, nothing written: {detail}") from None
-        self._abort()
-
-    def _abort(self) -> None:
-        try:
-            self.producer.abort_transaction(30)
-        except KafkaException:
-            # Fenced or timed out: the broker aborts the transaction itself; the error that
-            # brought us here is the one worth reporting.
-            pass

@@ -9,7 +9,7 @@ import sys
 from beamstream.cli.commands.options import add_yes_flag, confirm
 from beamstream.cli.commands.output import add_json_flag, print_json, print_table
 from beamstream.cli.params import iso_time
-from beamstream.platform import dlq
+from beamstream.engine import dead_letter_store as dlq
 from beamstream.platform.settings import load_settings
 
 REASON_WIDTH = 70

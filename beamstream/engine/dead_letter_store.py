@@ -38,11 +38,10 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException, TopicPartition
 
+from beamstream.engine.atomic_writer import AtomicWriter, OutRecord
 from beamstream.errors import BeamstreamError
 from beamstream.platform.kafka_clients import make_admin
 from beamstream.platform.retained import (
-    AtomicWriter,
-    OutRecord,
     Record,
     header_count,
     offset_bounds,
