@@ -28,7 +28,7 @@ def reinject_dead_letter(settings: Settings, dead_id: str, requested_by: str) ->
 
     404 when there is no such dead letter, 409 when it cannot be (or already was) reinjected.
     """
-    from beamstream.platform import dlq
+    from beamstream.engine import dead_letter_store as dlq
 
     scan = _read_dead_letters(settings)
     try:
@@ -51,7 +51,7 @@ def reinject_dead_letter(settings: Settings, dead_id: str, requested_by: str) ->
 
 def _read_dead_letters(settings: Settings, tries: int = 3):
     """The dead-letter topic as read now; transient broker answers (a leader moving) are retried, then 503."""
-    from beamstream.platform import dlq
+    from beamstream.engine import dead_letter_store as dlq
 
     for attempt in range(1, tries + 1):
         try:
