@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from beamstream.platform.dlq import DeadLetterEntry, DeadLetterError, _normal_id, _Resolutions
+from beamstream.engine.dead_letter_store import DeadLetterEntry, DeadLetterError, _normal_id, _Resolutions
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.retained import Record, offset_bounds, open_reader, partitions_of, read_topic
 from beamstream.platform.settings import load_settings
