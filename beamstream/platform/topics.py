@@ -41,7 +41,7 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
     retained = {"cleanup.policy": "delete", "retention.ms": str(14 * DAY_MS)}
     return [
         TopicSpec("images", ("ImageArrived",), n, retained,
-                  "One event per image, keyed by dcid; the work queue of the analysis workers."),
+                  "One event per image, keyed dcid:image (spread over every partition); the analysis stage's work queue."),
         TopicSpec("collections", ("CollectionStarted", "CollectionEnded", "CollectionCheck"), n,
                   {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
                   "Collection started/ended events, keyed by dcid."),
@@ -67,8 +67,8 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec("archive", ("ArchiveComplete",), n,
                   {"cleanup.policy": "delete", "retention.ms": str(90 * DAY_MS)},
                   "One archive-complete event per collection (and reprocessing job): manifest written."),
-        # The workers' collection table (Faust app "<prefix>workers", table "collections"):
-        # declared here so it exists, compacted and co-partitioned, before any worker starts.
+        # The collect stage's collections table (beamstream.streams.collect_stage): declared here
+        # so it exists, compacted and co-partitioned, before any worker starts.
         TopicSpec("workers-collections-changelog", (), n,
                   {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
                   "Changelog of the per-collection table (JSON state per collection); compacted."),
