@@ -23,7 +23,7 @@ class ActionError(Exception):
 
 
 def reinject_dead_letter(settings: Settings, dead_id: str, requested_by: str) -> dict:
-    """Reinject dead letter ``partition:offset`` with the dead-letter tools (beamstream/dlq.py);
+    """Reinject dead letter ``partition:offset`` with the dead-letter tools (beamstream/engine/dead_letter_store.py);
     its resolution marker names ``requested_by``.
 
     404 when there is no such dead letter, 409 when it cannot be (or already was) reinjected.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot `kafka-security` service: SCRAM credentials and ACLs of the compose deployment's users,
 # run on every `docker compose up` (each step is idempotent, so a changed password in .env is
-# applied by the next `up`). The same grants as beamstream/local_security.py gives the local broker:
+# applied by the next `up`). The same grants as beamstream/operations/local_security.py gives the local broker:
 #
 #   beamstream (BEAMSTREAM_SASL_USERNAME)  every Beamstream service: everything under the topic prefix
 #                                          (topics, consumer groups, transactional ids), idempotent writes

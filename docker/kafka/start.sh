@@ -4,7 +4,7 @@
 # by the one step that image cannot do: formatting a new data volume WITH the broker's own SCRAM
 # credential. The broker logs in to itself over SCRAM (transaction markers go over the INTERNAL
 # listener), and with SASL on every listener that credential can only be bootstrapped at format
-# time. beamstream/cluster.py does the same for the local broker.
+# time. beamstream/operations/cluster.py does the same for the local broker.
 #
 # The admin password is read from the file ADMIN_PASSWORD_FILE names (a compose secret) and
 # reaches the storage tool through a java @argument file, never a command line that `ps` on the

@@ -146,8 +146,8 @@ def test_broker_restart_mid_collection(kafka_cluster, settings, tmp_path):
     dcid = 700002
     reader = _reader(settings)
     workers = [ServiceProcess(settings, tmp_path, f"w{i}", *WORKER_ARGS).start() for i in range(2)]
-    # A worker whose Kafka client wedges across the restart exits for a restart (see
-    # Pipeline._abandon); its supervisor starts it again, as systemd or Kubernetes would.
+    # A worker whose Kafka client wedges across the restart exits for a restart (the engine's
+    # stall watch, beamstream/engine/stage.py); its supervisor starts it again, as systemd or Kubernetes would.
     supervisor = Supervisor(workers)
     try:
         publisher = publish_gridscan(settings, dcid, rate_hz=25)

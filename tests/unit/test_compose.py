@@ -215,7 +215,7 @@ def test_kafka_authenticates_every_listener_and_acls_decide() -> None:
     listeners = dict(item.split(":") for item in properties["listener.security.protocol.map"].split(","))
     assert set(listeners) == {"INTERNAL", "CONTROLLER", "HOST"}
     assert set(listeners.values()) == {"SASL_PLAINTEXT"}, "a PLAINTEXT listener is anonymous"
-    # The local broker's choices (beamstream/local_security.py): SCRAM for clients and the broker itself,
+    # The local broker's choices (beamstream/operations/local_security.py): SCRAM for clients and the broker itself,
     # PLAIN for the controller listener, StandardAuthorizer, one super user.
     local = local_security.broker_properties(1, 2, "x")
     for name in ("sasl.enabled.mechanisms", "sasl.mechanism.inter.broker.protocol", "authorizer.class.name",
@@ -411,7 +411,7 @@ prev=""; for a in "$@"; do [ "$prev" = --add-config-file ] && cat "$a" >> {tmp_p
     assert added == [f"SCRAM-SHA-512=password={SECRETS[v]}" for v in
                      ("KAFKA_BEAMSTREAM_PASSWORD", "KAFKA_REGISTRY_PASSWORD", "KAFKA_UI_PASSWORD")]
     assert list(scratch.iterdir()) == [], "the file that held the passwords was left behind"
-    # The service user gets what beamstream/local_security.service_acls gives it on the local broker.
+    # The service user gets what beamstream/operations/local_security.service_acls gives it on the local broker.
     prefix, user = environ[f"{ENV_PREFIX}TOPIC_PREFIX"], environ[f"{ENV_PREFIX}SASL_USERNAME"]
     acls = (tmp_path / "kafka-acls.sh.calls").read_text().splitlines()
     service = [line.split() for line in acls if f"--allow-principal User:{user} " in line]
