@@ -41,7 +41,7 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
     retained = {"cleanup.policy": "delete", "retention.ms": str(14 * DAY_MS)}
     return [
         TopicSpec("images", ("ImageArrived",), n, retained,
-                  "One event per image, keyed dcid:image (spread over every partition); the analysis stage's work queue."),
+                  "One event per image, keyed dcid:image (spread over every partition): the analysis queue."),
         TopicSpec("collections", ("CollectionStarted", "CollectionEnded", "CollectionCheck"), n,
                   {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
                   "Collection started/ended events, keyed by dcid."),
