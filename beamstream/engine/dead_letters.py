@@ -66,7 +66,7 @@ class DeadLetters:
         """The dead letter of ``message`` as an output of the batch (committed with its offset), logged once."""
         service = self.service.format(topic=message.topic())
         log.warning("dead letter: %s", reason, extra={
-            "service": service, "dcid": dcid, "image": image_number, "error_type": error_type,
+            "dcid": dcid, "image": image_number, "error_type": error_type,
             "source_topic": message.topic(), "source_partition": message.partition(),
             "source_offset": message.offset()})
         value = dead_letter(

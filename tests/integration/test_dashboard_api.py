@@ -105,7 +105,7 @@ def test_malformed_requests_get_a_4xx_with_a_reason(offline):
 
 def test_actions_need_the_staff_token(offline, caplog):
     path = "/api/deadletters/1:7/reinject"
-    caplog.set_level(logging.INFO, logger="dashboard.actions")
+    caplog.set_level(logging.INFO, logger="beamstream.dashboard.web")
     answers = _call(offline, _filled_view(), [
         ("POST", path),
         ("POST", path, {"Authorization": "Basic YWxpY2U6eA=="}),
@@ -114,7 +114,7 @@ def test_actions_need_the_staff_token(offline, caplog):
     ])
     assert [s for s, _ in answers] == [401, 401, 403, 401]
     assert "Bearer" in answers[0][1]["error"] and "not valid" in answers[2][1]["error"]
-    refusals = [r for r in caplog.records if r.name == "dashboard.actions"]
+    refusals = [r for r in caplog.records if r.name == "beamstream.dashboard.web"]
     assert len(refusals) == 4 and all(r.who == "anonymous" and r.result == "refused" for r in refusals)
     assert {r.action for r in refusals} == {"reinject", "reprocess"}
 
