@@ -2,13 +2,16 @@
 
 Consumer group ``<prefix>analysis`` on the images topic. Each result commits with its
 image event's offset in one KIP-447 transaction (:mod:`beamstream.engine`). Any worker may
-take any image partition, so the analysis scales with the number of workers. A failing
-image is retried with backoff before it goes to the dead-letter topic.
+take any image partition, so the analysis scales with the number of workers, and each
+worker analyses up to ``--threads`` images at once (the engine runs :meth:`process` on a
+pool of threads; the numba kernels and the readers' decompression release the GIL). A
+failing image is retried with backoff before it goes to the dead-letter topic.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +52,7 @@ class AnalysisProcessor(Processor):
         self.dead_letters = DeadLetters(serde, topic_name(settings, "deadletter"), "worker/{topic}")
         self.images_analysed = 0
         self.dead_lettered = 0
+        self._counting = threading.Lock()  # process() runs on several threads at once
 
     def process(self, messages: list[Message]) -> list[Output]:
         """One result or dead letter per image event; never raises for bad input."""
@@ -74,7 +78,8 @@ class AnalysisProcessor(Processor):
             "processing_job_id": image["processing_job_id"], **fields,
             "event_time": image["arrival_time"], "result_time": datetime.now(UTC), "worker_id": self.worker_id,
         }
-        self.images_analysed += 1
+        with self._counting:
+            self.images_analysed += 1
         latency_s = (result["result_time"] - image["arrival_time"]).total_seconds()
         metrics.image_analysed(latency_s, result["analysis_time_s"])
         log.info("image analysed", extra={
@@ -106,6 +111,7 @@ class AnalysisProcessor(Processor):
         return None, error, self.retry.attempts
 
     def _dead_letter(self, message: Message, reason: str, error_type: str, **context) -> Output:
-        self.dead_lettered += 1
+        with self._counting:
+            self.dead_lettered += 1
         metrics.dead_lettered(error_type)
         return self.dead_letters.output(message, reason, error_type, **context)

@@ -41,6 +41,7 @@ class WorkerOptions:
     retry_attempts: int = 3  # tries per image before it goes to the dead-letter topic
     retry_backoff_s: float = 0.5  # first retry delay, doubled each time
     commit_interval_s: float = 0.1  # the longest a busy stage gathers a batch before committing it
+    threads: int = 1  # images analysed at once
     heartbeat_interval_s: float = 5.0
     exactly_once: bool = True  # off only to measure what the guarantee costs
     stall_limit_s: float = 60.0  # a commit blocked this long makes the worker exit for a restart
@@ -75,7 +76,7 @@ class Worker:
                       "max.poll.interval.ms": 600_000,  # one very slow image must not cost the partitions
                   }}
         self.analysis_stage = Stage(settings, group_name(settings, "analysis"), [topic_name(settings, "images")],
-                                    self.analysis, name="analysis", **common)
+                                    self.analysis, name="analysis", threads=self.options.threads, **common)
         self.collect_stage = Stage(settings, group_name(settings, "collect"),
                                    [topic_name(settings, n) for n in ("results", "collections", "samples")],
                                    self.collect, name="collect", **common)

@@ -12,7 +12,11 @@ One step of the loop (:meth:`Stage.step`):
    restored only once the previous owner's last transaction has settled.
 2. ``process``: hand queued events to the :class:`Processor` in chunks for up to
    ``commit_interval_s``, or until the queue is empty: an idle stage commits at once, a
-   busy one at most every interval.
+   busy one at most every interval. With ``threads`` > 1 the events are processed one
+   each on a pool of threads while the loop goes on consuming (so a slow event never
+   holds up a rebalance), and each step commits the events finished by then, in offset
+   order per partition. An event in flight for a partition that is revoked is dropped:
+   its result is never committed by this stage.
 3. ``commit``: the outputs, the tables' changelog records and the consumed offsets
    (with the group metadata, KIP-447) in one transaction. Committed: the tables commit
    their buffers. Aborted: the tables drop them, every partition with queued events is
@@ -35,6 +39,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -126,13 +131,15 @@ class Stage:
                  name: str = "stage", exactly_once: bool = True, commit_interval_s: float = 0.1,
                  chunk_size: int = 1, tick_interval_s: float = 1.0, checkpoint_interval_s: float = 30.0,
                  transactional_id: str | None = None, consumer_config: dict | None = None,
-                 stall_limit_s: float | None = 60.0, last_words: Callable[[Stage], None] | None = None,
+                 threads: int = 1, stall_limit_s: float | None = 60.0,
+                 last_words: Callable[[Stage], None] | None = None,
                  clients: KafkaClients = KafkaClients()) -> None:
         self.settings, self.group_id, self.topics, self.processor = settings, group_id, topics, processor
         self.name = name
         self.exactly_once = exactly_once
         self.commit_interval_s = commit_interval_s
         self.chunk_size = chunk_size
+        self.threads = threads
         self.tick_interval_s = tick_interval_s
         self.checkpoint_interval_s = checkpoint_interval_s
         self.transactional_id = transactional_id
@@ -149,6 +156,9 @@ class Stage:
         self.producer = None
         self._thread: threading.Thread | None = None
         self._pending: deque[Message] = deque()
+        #: With threads: events being processed, in the order they were fetched.
+        self._in_flight: deque[tuple[Message, futures.Future]] = deque()
+        self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 1 else None
         self._offsets = BatchOffsets()
         self._last_tick = 0.0
         self._last_checkpoint = time.monotonic()
@@ -161,7 +171,7 @@ class Stage:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 60.0) -> None:
         """Finish the batch in hand, commit it, leave the group (its partitions move at once)."""
         self.stop_requested.set()
         if self._thread is not None:
@@ -195,6 +205,7 @@ class Stage:
                     idle_since = time.monotonic()
                 elif idle_timeout_s is not None and time.monotonic() - idle_since >= idle_timeout_s:
                     break
+            self.finish_in_flight()
         finally:
             self.close()
 
@@ -218,10 +229,28 @@ class Stage:
         if self.exactly_once and self.stall_limit_s is not None:
             threading.Thread(target=self._watch_for_stalls, name=f"{self.name}-stall-watch", daemon=True).start()
 
+    def finish_in_flight(self, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
+        """Let the events in flight finish (up to ``timeout_s``) and commit them; queued ones are left
+        for the partitions' next owner. What is unfinished by then is dropped, not committed."""
+        self._pending.clear()
+        if not self._in_flight:
+            return
+        futures.wait([future for _, future in self._in_flight], timeout=timeout_s)
+        try:
+            outputs = self._harvest(wait_s=0)
+        except Backoff:
+            self._aborted()
+            return
+        if self._offsets:
+            self._commit(outputs)
+
     def close(self) -> None:
         """Checkpoint the tables, leave the group and flush the producer."""
         self._pending.clear()
         self.stop_requested.set()  # ends the stall watch
+        self._drop_in_flight(lambda _message: True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             self._checkpoint()
             self.consumer.close()  # leaves the group: the partitions move without a session timeout
@@ -255,16 +284,22 @@ class Stage:
         if not self._fill():
             return False
         try:
-            outputs = self._process_batch()
+            outputs = self._process_batch() if self._pool is None else self._harvest()
         except Backoff as wait:
             self._back_off(wait)
             return True
+        if self._offsets:
+            self._commit(outputs)
+        return True
+
+    def _commit(self, outputs: list[Output]) -> None:
+        """Commit the batch: ``outputs``, the tables' changes and the offsets (the rules of the module docstring)."""
         for table in self.processor.tables:
             outputs.extend(table.flush())  # changed entries, once per transaction
         if not self.exactly_once:
             commit_at_least_once(self.producer, self.consumer, outputs, self._offsets, self._changelogs)
             self._committed()
-            return True
+            return
         self.committing_since = time.monotonic()
         in_batch = set(self._offsets.first)
         try:
@@ -275,7 +310,7 @@ class Stage:
             self.producer = self._new_producer()
             rewind_to_committed(self.consumer)
             self._aborted()
-            return True
+            return
         finally:
             self.committing_since = None
         if outcome is Outcome.COMMITTED:
@@ -285,7 +320,6 @@ class Stage:
             # in it and are dropped below, so fetch them again too.
             rewind(self.consumer, self._first_pending(exclude=in_batch))
             self._aborted()
-        return True
 
     def _committed(self) -> None:
         self.producer.poll(0)  # serves the changelog records' delivery reports before the tables commit
@@ -299,6 +333,7 @@ class Stage:
     def _aborted(self) -> None:
         self.aborted_batches += 1
         self._pending.clear()
+        self._drop_in_flight(lambda _message: True)
         self._offsets.clear()
         for table in self.processor.tables:
             table.abort()
@@ -321,13 +356,23 @@ class Stage:
                                      **{"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS})
 
     def _first_pending(self, exclude: set) -> dict[tuple[str, int], int]:
-        """The lowest queued offset of each partition not in ``exclude``."""
+        """The lowest offset in flight or queued of each partition not in ``exclude``."""
         first: dict[tuple[str, int], int] = {}
-        for message in self._pending:
+        for message in [m for m, _ in self._in_flight] + list(self._pending):
             key = (message.topic(), message.partition())
             if key not in exclude:
-                first.setdefault(key, message.offset())
+                first[key] = min(first.get(key, message.offset()), message.offset())
         return first
+
+    def _drop_in_flight(self, dropped: Callable[[Message], bool]) -> None:
+        """Forget events in flight that ``dropped`` names: their results are never committed."""
+        kept: deque[tuple[Message, futures.Future]] = deque()
+        for message, future in self._in_flight:
+            if dropped(message):
+                future.cancel()  # a started one runs to its end; its result is ignored
+            else:
+                kept.append((message, future))
+        self._in_flight = kept
 
     def _fill(self) -> bool:
         """Top up the local queue from the consumer; True when there is something to process.
@@ -338,12 +383,17 @@ class Stage:
         room = max(FETCH_BATCH - len(self._pending), 1)
         # consume(n, timeout) waits for n messages or the timeout, so block for the first event
         # only (when idle) and then take what is already fetched: a batch never waits to fill up.
-        messages = self.consumer.consume(1, timeout=0 if self._pending else 0.2)
+        # With events in flight, wait only briefly: a free thread should start on a new event soon.
+        if self._pending or len(self._in_flight) >= self.threads:
+            timeout = 0.0
+        else:
+            timeout = 0.005 if self._in_flight else 0.2
+        messages = self.consumer.consume(1, timeout=timeout)
         # Queued before the second consume: a revocation served in there must drop them too.
         self._queue(messages)
         if messages and room > 1:
             self._queue(self.consumer.consume(room - 1, timeout=0))
-        return bool(self._pending)
+        return bool(self._pending or self._in_flight)
 
     def _queue(self, messages: list[Message]) -> None:
         for message in messages:
@@ -368,11 +418,42 @@ class Stage:
                 break
         return outputs
 
+    def _harvest(self, wait_s: float = 0.05) -> list[Output]:
+        """Start queued events on free threads; take the outputs of those finished, in offset order per
+        partition (an unfinished event holds back the later ones of its partition). Waits up to ``wait_s``
+        for one to finish when every thread is busy."""
+        self._submit()
+        if self._in_flight and (len(self._in_flight) >= self.threads or not self._pending):
+            busy = len(self._in_flight) >= self.threads
+            futures.wait([f for _, f in self._in_flight], timeout=wait_s if busy else 0,
+                         return_when=futures.FIRST_COMPLETED)
+        outputs: list[Output] = []
+        blocked: set[tuple[str, int]] = set()
+        kept: deque[tuple[Message, futures.Future]] = deque()
+        for message, future in self._in_flight:
+            key = (message.topic(), message.partition())
+            if key in blocked or not future.done():
+                blocked.add(key)
+                kept.append((message, future))
+                continue
+            self._offsets.add(message)
+            outputs.extend(future.result())  # a Backoff (or a bug) surfaces here
+        self._in_flight = kept
+        self._submit()  # the threads work on while the batch commits
+        return outputs
+
+    def _submit(self) -> None:
+        while self._pending and len(self._in_flight) < self.threads:
+            message = self._pending.popleft()
+            self._in_flight.append((message, self._pool.submit(self.processor.process, [message])))
+
     # -- waiting ------------------------------------------------------------------------
     def _back_off(self, wait: Backoff) -> None:
         """Throw the batch away, rewind to it, and wait ``wait.delay_s`` with every partition paused,
         polling to stay in the group; a message that still arrives is rewound to and paused too."""
-        positions = {**self._first_pending(exclude=set()), **self._offsets.first}
+        positions = self._first_pending(exclude=set())
+        for key, offset in self._offsets.first.items():
+            positions[key] = min(positions.get(key, offset), offset)
         rewind(self.consumer, positions)
         self._aborted()
         self.aborted_batches -= 1  # nothing was sent to Kafka: not an aborted transaction
@@ -416,6 +497,7 @@ class Stage:
         # partitions is the next owner's now.
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._pending = deque(m for m in self._pending if (m.topic(), m.partition()) not in revoked)
+        self._drop_in_flight(lambda m: (m.topic(), m.partition()) in revoked)
         self._offsets.forget(partitions)
         for table in self.processor.tables:
             numbers = {tp.partition for tp in partitions if tp.topic in table.source_topics}

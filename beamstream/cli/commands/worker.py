@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 
 from beamstream.cli.params import non_negative_float, positive_int
 from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
@@ -12,6 +13,11 @@ from beamstream.errors import BeamstreamError
 from beamstream.platform.settings import load_settings
 
 log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
 
 
 def register(subparsers) -> None:
@@ -37,6 +43,9 @@ def register(subparsers) -> None:
                         help="tries per image before it goes to the dead-letter topic (default 3)")
     parser.add_argument("--retry-backoff", type=non_negative_float, default=0.5, metavar="SECONDS",
                         help="first retry delay, doubled each retry (default 0.5)")
+    parser.add_argument("--threads", type=positive_int, default=available_cores(), metavar="N",
+                        help="images analysed at once, each on its own thread (default: the cores available "
+                        f"to this process, {available_cores()} here)")
     parser.add_argument("--at-least-once", action="store_true",
                         help="turn exactly-once processing off (only to measure its cost; results may "
                         "then be duplicated after a crash)")
@@ -59,7 +68,8 @@ def build_worker(args: argparse.Namespace):
         warm_up()  # compile the kernels before joining, not on the first image
         analyser = functools.partial(analyse_file, params=SpotFindingParams(backend=args.backend))
     options = WorkerOptions(summary_timeout_s=args.summary_timeout, retry_attempts=args.retries,
-                            retry_backoff_s=args.retry_backoff, exactly_once=not args.at_least_once)
+                            retry_backoff_s=args.retry_backoff, exactly_once=not args.at_least_once,
+                            threads=args.threads)
     return Worker(load_settings(), analyser, options)
 
 
@@ -68,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     worker = build_worker(args)
     start_service_logging_and_metrics(args, "worker", worker.settings)
     log.info("worker started", extra={"worker": worker.worker_id, "analysis": worker.analysis_kind,
-                                      "exactly_once": worker.options.exactly_once})
+                                      "threads": worker.options.threads, "exactly_once": worker.options.exactly_once})
     # The stages start under the runner's signal handlers: a SIGTERM from then on is a clean stop.
     code, _signal = run_stoppable(lambda stop: worker.start().run(stop))
     return code

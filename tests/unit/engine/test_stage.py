@@ -697,3 +697,128 @@ def test_run_until_idle_processes_everything_then_closes(broker, settings, count
     assert sorted(path.name for path in counts.checkpoint_dir.iterdir()) == ["0.checkpoint", "1.checkpoint"]
     assert ("revoked", [("in", 0), ("in", 1)]) in processor.hooks  # leaving the group revokes
     assert not any(thread.name.endswith("stall-watch") for thread in threading.enumerate())
+
+
+# -- threads ------------------------------------------------------------------------------------
+class Gated(Recorder):
+    """Processes each event on the stage's threads, but only once its gate is opened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[tuple[str, int, int], threading.Event] = {}
+        self.started: list[tuple[str, int, int]] = []
+        self._lock = threading.Lock()
+
+    def gate(self, event: tuple[str, int, int]) -> threading.Event:
+        with self._lock:
+            return self.gates.setdefault(event, threading.Event())
+
+    def process(self, messages):
+        [message] = messages
+        with self._lock:
+            self.started.append(where(message))
+        assert self.gate(where(message)).wait(5), f"{where(message)} was never let through"
+        return super().process(messages)
+
+    def open_all(self) -> None:
+        for event in [("in", p, o) for p in (0, 1) for o in range(10)]:
+            self.gate(event).set()
+
+
+def step_until(stage: Stage, done, limit: int = 500) -> None:
+    """Step until ``done()``; the fake consumer never waits, so give the stage's threads a moment each step."""
+    for _ in range(limit):
+        stage.step()
+        if done():
+            return
+        time.sleep(0.002)
+    raise AssertionError("the stage never got there")
+
+
+def test_threads_process_events_at_once_and_commit_each_as_it_finishes(broker, settings):
+    add(broker, 0, 1)
+    add(broker, 1, 1)
+    processor = Gated()
+    stage = opened(broker, settings, processor, threads=2)
+    step_until(stage, lambda: len(processor.started) == 2)  # both in flight together
+    assert broker.sent_offsets == []
+
+    processor.gate(("in", 1, 0)).set()
+    step_until(stage, lambda: broker.committed_offset(GROUP, "in", 1) == 1)
+    assert outputs(broker) == [b"out-b0"] and broker.committed_offset(GROUP, "in", 0) is None
+
+    processor.gate(("in", 0, 0)).set()
+    step_until(stage, lambda: broker.committed_offset(GROUP, "in", 0) == 1)
+    assert outputs(broker) == [b"out-a0", b"out-b0"]
+
+
+def test_an_unfinished_event_holds_back_the_later_ones_of_its_partition(broker, settings):
+    add(broker, 0, 2)
+    processor = Gated()
+    stage = opened(broker, settings, processor, threads=2)
+    processor.gate(("in", 0, 1)).set()  # the later one finishes first
+    step_until(stage, lambda: len(processor.started) == 2)
+    for _ in range(5):
+        stage.step()
+    assert broker.sent_offsets == [] and outputs(broker) == []  # offset 2 cannot be committed past 0
+
+    processor.gate(("in", 0, 0)).set()
+    step_until(stage, lambda: broker.committed_offset(GROUP, "in", 0) == 2)
+    assert outputs(broker) == [b"out-a0", b"out-a1"]
+
+
+def test_an_event_in_flight_for_a_revoked_partition_is_never_committed(broker, settings):
+    add(broker, 0, 1)
+    add(broker, 1, 1)
+    processor = Gated()
+    stage = opened(broker, settings, processor, threads=2)
+    step_until(stage, lambda: len(processor.started) == 2)
+    broker.rebalance(revoke=[("in", 1)])
+    stage.step()  # the revocation, while in[1]@0 is being processed
+    processor.open_all()
+    step_until(stage, lambda: broker.committed_offset(GROUP, "in", 0) == 1)
+    for _ in range(5):
+        stage.step()
+
+    assert outputs(broker) == [b"out-a0"]
+    assert broker.committed_offset(GROUP, "in", 1) is None
+    assert all(("in", 1) not in sent for sent, _ in broker.sent_offsets)
+
+
+def test_a_slow_event_does_not_hold_up_a_rebalance(broker, settings):
+    add(broker, 0, 1)
+    processor = Gated()
+    stage = opened(broker, settings, processor, threads=2)
+    step_until(stage, lambda: len(processor.started) == 1)
+    broker.rebalance(revoke=[("in", 1)])
+    started = time.monotonic()
+    stage.step()  # returns while in[0]@0 is still being processed
+    assert time.monotonic() - started < 1.0
+    assert ("revoked", [("in", 1)]) in processor.hooks
+    processor.open_all()
+
+
+def test_an_abort_drops_the_events_in_flight_and_processes_them_again(broker, settings):
+    add(broker, 0, 2)
+    processor = Gated()
+    processor.gate(("in", 0, 0)).set()
+    stage = opened(broker, settings, processor, threads=2)
+    broker.fail_next("commit_transaction", ABORTABLE)
+    step_until(stage, lambda: stage.aborted_batches == 1)  # a0 done, a1 still in flight
+    processor.open_all()
+    step_until(stage, lambda: broker.committed_offset(GROUP, "in", 0) == 2)
+
+    assert outputs(broker) == [b"out-a0", b"out-a1"]  # the aborted attempt's a0 is not among them
+    assert processor.processed.count(("in", 0, 0)) == 2
+
+
+def test_stopping_commits_the_events_in_flight(broker, settings):
+    add(broker, 0, 1)
+    processor = Gated()
+    stage = opened(broker, settings, processor, threads=2)
+    step_until(stage, lambda: len(processor.started) == 1)
+    threading.Timer(0.05, processor.open_all).start()
+
+    stage.finish_in_flight(timeout_s=5)
+
+    assert outputs(broker) == [b"out-a0"] and broker.committed_offset(GROUP, "in", 0) == 1
