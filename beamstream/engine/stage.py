@@ -383,11 +383,8 @@ class Stage:
         room = max(FETCH_BATCH - len(self._pending), 1)
         # consume(n, timeout) waits for n messages or the timeout, so block for the first event
         # only (when idle) and then take what is already fetched: a batch never waits to fill up.
-        # With events in flight, wait only briefly: a free thread should start on a new event soon.
-        if self._pending or len(self._in_flight) >= self.threads:
-            timeout = 0.0
-        else:
-            timeout = 0.005 if self._in_flight else 0.2
+        # With events in flight, wait only briefly: their results are committed as they come.
+        timeout = 0.0 if self._pending else 0.005 if self._in_flight else 0.2
         messages = self.consumer.consume(1, timeout=timeout)
         # Queued before the second consume: a revocation served in there must drop them too.
         self._queue(messages)
@@ -419,14 +416,13 @@ class Stage:
         return outputs
 
     def _harvest(self, wait_s: float = 0.05) -> list[Output]:
-        """Start queued events on free threads; take the outputs of those finished, in offset order per
+        """Hand queued events to the threads; take the outputs of those finished, in offset order per
         partition (an unfinished event holds back the later ones of its partition). Waits up to ``wait_s``
         for one to finish when every thread is busy."""
         self._submit()
-        if self._in_flight and (len(self._in_flight) >= self.threads or not self._pending):
-            busy = len(self._in_flight) >= self.threads
-            futures.wait([f for _, f in self._in_flight], timeout=wait_s if busy else 0,
-                         return_when=futures.FIRST_COMPLETED)
+        unfinished = [f for _, f in self._in_flight if not f.done()]
+        if len(unfinished) >= self.threads:
+            futures.wait(unfinished, timeout=wait_s, return_when=futures.FIRST_COMPLETED)
         outputs: list[Output] = []
         blocked: set[tuple[str, int]] = set()
         kept: deque[tuple[Message, futures.Future]] = deque()
@@ -443,7 +439,9 @@ class Stage:
         return outputs
 
     def _submit(self) -> None:
-        while self._pending and len(self._in_flight) < self.threads:
+        # Beyond the threads, events wait in the pool's queue: a batch under load is as large as what
+        # finished meanwhile, and a queued event of a revoked partition is cancelled before it starts.
+        while self._pending and len(self._in_flight) < FETCH_BATCH:
             message = self._pending.popleft()
             self._in_flight.append((message, self._pool.submit(self.processor.process, [message])))
 

@@ -93,7 +93,7 @@ def test_a_burst_scales_workers_up_then_down_and_every_image_has_one_result(kafk
     monitor = ServiceProcess(
         settings, tmp_path, "monitor", "--min-workers", "1", "--max-workers", "3", "--lag-per-worker", "40",
         "--interval", "1", "--scale-down-after", "4", "--json", "--worker-args",
-        "--analysis noop --simulated-analysis-time 0.05 --summary-timeout 30 --log-level warning",
+        "--analysis noop --simulated-analysis-time 0.05 --threads 3 --summary-timeout 30 --log-level warning",
         command="monitor", env={METRICS_PORT_ENV: str(metrics_port)}).start()
     try:
         reader.wait_for(lambda: reader.values("monitor"), 60, "the monitor's first observation")

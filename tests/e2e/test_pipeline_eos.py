@@ -27,7 +27,7 @@ ROWS, COLUMNS = 15, 20  # 300 images
 N_IMAGES = ROWS * COLUMNS
 GRID = {"rows": ROWS, "columns": COLUMNS, "step_x_um": 10.0, "step_y_um": 10.0,
         "origin_x_mm": 1.0, "origin_y_mm": 2.0, "snaked": True, "plane": "xy"}
-WORKER_ARGS = ("--analysis", "noop", "--summary-timeout", "45", "--log-level", "warning")
+WORKER_ARGS = ("--analysis", "noop", "--threads", "3", "--summary-timeout", "45", "--log-level", "warning")
 
 
 @pytest.fixture
