@@ -35,9 +35,9 @@ from beamstream.operations.cluster import LocalCluster  # noqa: E402
 from beamstream.platform.kafka_clients import make_producer  # noqa: E402
 from beamstream.platform.settings import load_settings  # noqa: E402
 from beamstream.platform.topics import apply_topics, topic_name  # noqa: E402
+from beamstream.schemas.examples import example_event  # noqa: E402
 from beamstream.schemas.keys import dcid_key  # noqa: E402
 from beamstream.schemas.serde import make_serde  # noqa: E402
-from schemas.examples import sample_event  # noqa: E402
 from tests.helpers.harness import free_port_pair  # noqa: E402
 
 COLLECTIONS = 20
@@ -76,7 +76,7 @@ def publish_results(settings, dcids: list[int], events: int) -> None:
     results, summaries = topic_name(settings, "results"), topic_name(settings, "summaries")
     producer = make_producer(settings, **{"linger.ms": 20, "batch.num.messages": 10000})
     per = events // len(dcids)
-    value = sample_event("ImageResult")
+    value = example_event("ImageResult")
     for dcid in dcids:
         for image in range(1, per + 1):
             value.update(dcid=dcid, image_number=image, n_spots_total=image % 400, n_spots_no_ice=image % 300,
@@ -85,7 +85,7 @@ def publish_results(settings, dcids: list[int], events: int) -> None:
             producer.produce(results, serde.encode("ImageResult", value, results), dcid_key(dcid))
             if image % 5000 == 0:
                 producer.poll(0)
-        done = sample_event("CollectionSummary")
+        done = example_event("CollectionSummary")
         done.update(dcid=dcid, images_expected=per, images_analysed=per, xray_centre=None, heat_map=[])
         producer.produce(summaries, serde.encode("CollectionSummary", done, summaries), dcid_key(dcid))
     producer.flush(60)

@@ -23,6 +23,8 @@ from beamstream.platform.settings import Settings
 from beamstream.platform.topics import declared_topics
 
 Headers = list[tuple[str, bytes | None]]
+#: Errors of a partition whose leadership is still settling (a topic just created, a broker just restarted).
+_SETTLING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART}
 
 
 class RetainedError(BeamstreamError):
@@ -84,11 +86,18 @@ def offset_bounds(consumer: Consumer, topic: str, partitions: Iterable[int],
     """
     bounds = {}
     for partition in partitions:
-        try:
-            bounds[partition] = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout,
-                                                               cached=False)
-        except KafkaException as exc:
-            raise RetainedError(f"cannot read the offsets of {topic}[{partition}]: {exc.args[0].str()}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                bounds[partition] = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                                   timeout=timeout, cached=False)
+                break
+            except KafkaException as exc:
+                # A topic just created, or a leader just moved: its leadership settles within moments.
+                if (exc.args[0].retriable() or exc.args[0].code() in _SETTLING) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                raise RetainedError(f"cannot read the offsets of {topic}[{partition}]: {exc.args[0].str()}") from None
     return bounds
 
 

@@ -152,6 +152,14 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
                     raise TopicError(f"creating topic {name} failed: {exc.args[0].str()}") from None
                 changes.append(TopicChange(name, "unchanged", "created concurrently"))
 
+    growing = {s.name(settings): (len(existing[s.name(settings)].partitions), s.partitions) for s in specs
+               if s.name(settings) in existing and len(existing[s.name(settings)].partitions) < s.partitions}
+    if growing:
+        from beamstream.platform.partitioning import partition_change_refusal  # reads topics: imports this module
+
+        refusal = partition_change_refusal(settings, growing)
+        if refusal is not None:
+            raise TopicError(refusal)
     for spec in specs:
         name = spec.name(settings)
         if name not in existing:

@@ -15,9 +15,9 @@ from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.lag import GroupLag
 from beamstream.platform.topics import group_name, topic_name
 from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
+from beamstream.schemas.examples import example_event
 from beamstream.schemas.keys import dcid_key
 from beamstream.schemas.serde import make_serde
-from schemas.examples import sample_event
 from tests.helpers.harness import ServiceProcess, TopicReader
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -35,7 +35,7 @@ def publish_results(settings, dcid: int, spots: list[int]) -> None:
     topic = topic_name(settings, "results")
     producer = make_producer(settings)
     for image, count in enumerate(spots, start=1):
-        result = sample_event("ImageResult")
+        result = example_event("ImageResult")
         result.update(dcid=dcid, image_number=image, n_spots_no_ice=count, n_spots_total=count,
                       estimated_d_min=2.0 + image / 100, result_time=datetime.now(UTC))
         producer.produce(topic, serde.encode("ImageResult", result, topic), dcid_key(dcid))

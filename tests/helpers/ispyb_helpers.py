@@ -16,9 +16,9 @@ from beamstream.platform.kafka_clients import make_consumer, make_producer
 from beamstream.platform.lag import GroupLag
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import topic_name
+from beamstream.schemas.examples import example_event
 from beamstream.schemas.keys import dcid_key
 from beamstream.schemas.serde import make_serde
-from schemas.examples import sample_event
 
 #: Quick backoff so outage tests resume within a second of the database coming back.
 FAST = SinkOptions(batch_wait_s=0.1, outage_backoff_s=0.2, outage_backoff_max_s=1.0, data_retry_backoff_s=0.05,
@@ -39,7 +39,7 @@ def fresh_database(server_url: str) -> Engine:
 
 def result(dcid: int, image: int, processing_job_id: int | None = None, **fields) -> dict:
     """An ImageResult value for one image, with figures derived from the image number unless given."""
-    value = sample_event("ImageResult")
+    value = example_event("ImageResult")
     value.update(dcid=dcid, image_number=image, processing_job_id=processing_job_id,
                  file_path=f"/data/grid/x_{image:04d}.cbf", n_spots_total=image * 3, n_spots_no_ice=image * 2,
                  n_spots_4A=image, total_intensity=image * 100.0, d_min_distl_method_1=1.0 + image / 100,
@@ -50,7 +50,7 @@ def result(dcid: int, image: int, processing_job_id: int | None = None, **fields
 
 def summary(dcid: int, expected: int, analysed: int, processing_job_id: int | None = None) -> dict:
     """A CollectionSummary value."""
-    value = sample_event("CollectionSummary")
+    value = example_event("CollectionSummary")
     value.update(dcid=dcid, processing_job_id=processing_job_id, images_expected=expected,
                  images_analysed=analysed, status="complete" if analysed == expected else "incomplete",
                  missing_images=list(range(analysed + 1, expected + 1)), xray_centre=None, heat_map=[])

@@ -8,13 +8,13 @@ from beamstream.connectors.gda_feedback import GdaFeedback, parse_address, pia_d
 from beamstream.errors import BeamstreamError
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.topics import topic_name
+from beamstream.schemas.examples import example_event
 from beamstream.schemas.keys import dcid_key
 from beamstream.schemas.serde import make_serde
-from schemas.examples import sample_event
 
 
 def test_datagram_format():
-    result = sample_event("ImageResult")
+    result = example_event("ImageResult")
     assert pia_datagram(result) == b"PIA:1001:1:120:110:2.10:123456"
     result["d_min_distl_method_1"] = None
     assert pia_datagram(result).split(b":")[5] == b"0.00"
@@ -32,7 +32,7 @@ def test_results_are_sent_to_gda(kafka_settings):
     topic = topic_name(kafka_settings, "results")
     producer = make_producer(kafka_settings)
     for image in range(1, 6):
-        result = sample_event("ImageResult")
+        result = example_event("ImageResult")
         result["image_number"] = image
         result["n_spots_no_ice"] = image * 10
         producer.produce(topic, serde.encode("ImageResult", result, topic), dcid_key(result["dcid"]))

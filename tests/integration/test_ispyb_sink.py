@@ -15,9 +15,9 @@ from beamstream.connectors.ispyb_schema import create_schema, make_engine
 from beamstream.connectors.ispyb_writer import DataRefused, IspybWriter
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.topics import topic_name
+from beamstream.schemas.examples import example_event
 from beamstream.schemas.keys import dcid_key
 from beamstream.schemas.serde import make_serde
-from schemas.examples import sample_event
 from tests.helpers.ispyb_helpers import (
     SinkThread,
     committed_offsets,
@@ -57,7 +57,7 @@ def rows(engine, table="ImageQualityIndicators", where="1=1", **params):
 
 # -- mapping (pure) -----------------------------------------------------------------
 def test_result_maps_to_quality_indicators():
-    value = sample_event("ImageResult")
+    value = example_event("ImageResult")
     row = mapping.quality_indicators(value)
     assert row == {
         "dataCollectionId": 1001, "imageNumber": 1, "spotTotal": 120, "goodBraggCandidates": 110,
@@ -67,7 +67,7 @@ def test_result_maps_to_quality_indicators():
 
 
 def test_undefined_figures_become_null():
-    value = sample_event("ImageResult")
+    value = example_event("ImageResult")
     value.update(d_min_distl_method_1=-1.0, d_min_distl_method_2=math.nan, total_intensity=math.inf)
     row = mapping.quality_indicators(value)
     assert row["method1Res"] is None and row["method2Res"] is None and row["totalIntegratedSignal"] is None
@@ -75,7 +75,7 @@ def test_undefined_figures_become_null():
 
 @pytest.mark.parametrize("field, bad", [("image_number", 0), ("dcid", 0), ("processing_job_id", -3)])
 def test_impossible_results_are_refused_before_the_database(field, bad):
-    value = sample_event("ImageResult")
+    value = example_event("ImageResult")
     value[field] = bad
     with pytest.raises(mapping.RecordError, match=field.split("_")[0] if field != "image_number" else "start at 1"):
         mapping.quality_indicators(value)

@@ -24,6 +24,7 @@ from beamstream.operations.registry import LOCK_FILE, LocalRegistry, RegistryErr
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.settings import load_settings
 from beamstream.platform.topics import declared_topics
+from beamstream.schemas.examples import example_event
 from beamstream.schemas.serde import (
     HISTORY_DIR,
     SCHEMA_DIR,
@@ -34,7 +35,6 @@ from beamstream.schemas.serde import (
     SerdeError,
     UnknownSchemaError,
 )
-from schemas.examples import sample_event
 from tests.helpers.harness import read_decoded
 
 CATALOG = SchemaCatalog()
@@ -141,7 +141,7 @@ def _variants() -> list[tuple[str, str]]:
 
 def _value(name: str, variant: str) -> dict:
     if variant == "sample":
-        return sample_event(name)
+        return example_event(name)
     return example_value(_raw_schema(name), fill=variant == "filled")
 
 
@@ -173,7 +173,7 @@ def test_every_record_type_round_trips(serde: RegistrySerde, topic: str, name: s
 
 
 def test_subjects_are_topic_and_full_record_name(serde: RegistrySerde, topic: str):
-    ids = {name: _schema_id(serde.encode(name, sample_event(name), topic)) for name in CATALOG.names()}
+    ids = {name: _schema_id(serde.encode(name, example_event(name), topic)) for name in CATALOG.names()}
     subjects = set(serde.client.get_subjects())
     for name in CATALOG.names():
         subject = f"{topic}-{NAMESPACE}.{name}"
@@ -185,22 +185,22 @@ def test_subjects_are_topic_and_full_record_name(serde: RegistrySerde, topic: st
 
 
 def test_two_record_types_share_one_topic(serde: RegistrySerde, registry: LocalRegistry, topic: str):
-    started = serde.encode("CollectionStarted", sample_event("CollectionStarted"), topic)
-    ended = serde.encode("CollectionEnded", sample_event("CollectionEnded"), topic)
+    started = serde.encode("CollectionStarted", example_event("CollectionStarted"), topic)
+    ended = serde.encode("CollectionEnded", example_event("CollectionEnded"), topic)
     reader = RegistrySerde(registry.url)  # a consumer knows only the ids on the wire
     kinds = ("CollectionStarted", "CollectionEnded")
     assert reader.decode(started, topic, expected=kinds).name == "CollectionStarted"
-    assert reader.decode(ended, topic, expected=kinds).value == sample_event("CollectionEnded")
+    assert reader.decode(ended, topic, expected=kinds).value == example_event("CollectionEnded")
 
 
 def test_message_of_another_type_is_a_mismatch(serde: RegistrySerde, topic: str):
-    data = serde.encode("CollectionEnded", sample_event("CollectionEnded"), topic)
+    data = serde.encode("CollectionEnded", example_event("CollectionEnded"), topic)
     with pytest.raises(SchemaMismatchError, match="is of type CollectionEnded, expected ImageArrived"):
         serde.decode(data, topic, expected="ImageArrived")
 
 
 def test_corrupted_message_is_a_corrupt_message_error(serde: RegistrySerde, topic: str):
-    data = serde.encode("ImageArrived", sample_event("ImageArrived"), topic)
+    data = serde.encode("ImageArrived", example_event("ImageArrived"), topic)
     with pytest.raises(CorruptMessageError, match="ImageArrived body cannot be decoded"):
         serde.decode(data[:-6], topic, expected="ImageArrived")
     with pytest.raises(CorruptMessageError, match="ImageArrived body cannot be decoded"):
@@ -214,7 +214,7 @@ def test_corrupted_message_is_a_corrupt_message_error(serde: RegistrySerde, topi
 
 
 def test_unknown_schema_id_is_named(serde: RegistrySerde, topic: str):
-    data = serde.encode("ImageArrived", sample_event("ImageArrived"), topic)
+    data = serde.encode("ImageArrived", example_event("ImageArrived"), topic)
     forged = b"\x00" + struct.pack(">I", 987654) + data[5:]
     with pytest.raises(UnknownSchemaError, match="schema id 987654 unknown to the registry"):
         serde.decode(forged, topic)
@@ -237,12 +237,12 @@ def test_message_of_an_older_schema_version_decodes_to_the_current_one(serde: Re
 
     old_schema = json.loads((HISTORY_DIR / "ImageResult.v1.avsc").read_text())
     old_fields = {f["name"] for f in old_schema["fields"]}
-    old_value = {k: v for k, v in sample_event("ImageResult").items() if k in old_fields}
+    old_value = {k: v for k, v in example_event("ImageResult").items() if k in old_fields}
     old_writer = AvroSerializer(serde.client, json.dumps(old_schema),
                                 conf={"auto.register.schemas": True,
                                       "subject.name.strategy": topic_record_subject_name_strategy})
     data = old_writer(old_value, SerializationContext(topic, MessageField.VALUE))
-    current = serde.encode("ImageResult", sample_event("ImageResult"), topic)
+    current = serde.encode("ImageResult", example_event("ImageResult"), topic)
     assert _schema_id(data) != _schema_id(current)  # two versions under one subject
 
     decoded = serde.decode(data, topic, expected="ImageResult")
@@ -250,10 +250,10 @@ def test_message_of_an_older_schema_version_decodes_to_the_current_one(serde: Re
 
 
 def test_unreachable_registry_is_a_serde_error_not_an_unknown_schema(serde: RegistrySerde, topic: str):
-    data = serde.encode("ImageArrived", sample_event("ImageArrived"), topic)
+    data = serde.encode("ImageArrived", example_event("ImageArrived"), topic)
     offline = RegistrySerde(f"http://127.0.0.1:{_free_port()}/apis/ccompat/v7", client_config={"max.retries": 0})
     with pytest.raises(SerdeError, match="schema registry at .* refused ImageArrived"):
-        offline.encode("ImageArrived", sample_event("ImageArrived"), topic)
+        offline.encode("ImageArrived", example_event("ImageArrived"), topic)
     with pytest.raises(SerdeError, match="could not be asked for schema id") as raised:
         offline.decode(data, topic)
     assert not isinstance(raised.value, UnknownSchemaError)  # an outage says nothing about the message
@@ -296,8 +296,8 @@ def test_every_record_type_round_trips_through_its_real_topic(registry: LocalReg
         name_on_cluster = spec.name(kafka_settings)
         topics.append(name_on_cluster)
         for name in spec.record_types:
-            producer.produce(name_on_cluster, serde.encode(name, sample_event(name), name_on_cluster), name.encode())
-            expected[(name_on_cluster, name)] = sample_event(name)  # a record type may live on several topics
+            producer.produce(name_on_cluster, serde.encode(name, example_event(name), name_on_cluster), name.encode())
+            expected[(name_on_cluster, name)] = example_event(name)  # a record type may live on several topics
     assert producer.flush(30) == 0
 
     reader = RegistrySerde(registry.url)

@@ -7,6 +7,7 @@ import pytest
 
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.topics import declared_topics
+from beamstream.schemas.examples import example_event, example_names
 from beamstream.schemas.serde import (
     CorruptMessageError,
     InvalidRecordError,
@@ -15,7 +16,6 @@ from beamstream.schemas.serde import (
     SingleObjectSerde,
     UnknownSchemaError,
 )
-from schemas.examples import sample_event, sample_names
 from tests.helpers.harness import read_decoded
 
 CATALOG = SchemaCatalog()
@@ -26,7 +26,7 @@ def _version_key(version) -> int:
 
 
 def test_every_record_type_has_an_example_and_a_history():
-    assert sample_names() == CATALOG.names()
+    assert example_names() == CATALOG.names()
     for name in CATALOG.names():
         assert CATALOG.history.get(name), f"{name} has no recorded version in schemas/history"
 
@@ -53,7 +53,7 @@ def _write(schema, value) -> bytes:
 
 def _sample_for(version) -> dict:
     fields = {f["name"] for f in version.schema["fields"]}
-    return {k: v for k, v in sample_event(version.name).items() if k in fields}
+    return {k: v for k, v in example_event(version.name).items() if k in fields}
 
 
 @pytest.mark.parametrize("name", CATALOG.names())
@@ -66,7 +66,7 @@ def test_backward_and_forward_compatible_with_every_previous_version(name):
         for key, value in old_value.items():
             assert read[key] == value
         # forward: old readers read what today's writers write
-        new_value = sample_event(name)
+        new_value = example_event(name)
         read = fastavro.schemaless_reader(io.BytesIO(_write(current.schema, new_value)), current.schema,
                                           old.schema)
         assert set(read) == {f["name"] for f in old.schema["fields"]}
@@ -79,7 +79,7 @@ def test_messages_of_an_older_version_decode_by_fingerprint():
     data = b"\xc3\x01" + old.fingerprint + _write(old.schema, _sample_for(old))
     decoded = serde.decode(data, "t", "ImageResult")
     assert decoded.value["analysis_backend"] == "numba"  # the default filled in for the old writer
-    assert decoded.value["n_spots_total"] == sample_event("ImageResult")["n_spots_total"]
+    assert decoded.value["n_spots_total"] == example_event("ImageResult")["n_spots_total"]
 
 
 @pytest.mark.kafka
@@ -92,8 +92,8 @@ def test_every_schema_round_trips_through_its_real_topic(kafka_settings):
         topic = spec.name(kafka_settings)
         topics.append(topic)
         for name in spec.record_types:
-            producer.produce(topic, serde.encode(name, sample_event(name), topic), name.encode())
-            expected[(topic, name)] = sample_event(name)
+            producer.produce(topic, serde.encode(name, example_event(name), topic), name.encode())
+            expected[(topic, name)] = example_event(name)
     assert producer.flush(30) == 0
 
     assert read_decoded(kafka_settings, topics, serde, len(expected)) == expected
@@ -101,7 +101,7 @@ def test_every_schema_round_trips_through_its_real_topic(kafka_settings):
 
 def test_corrupted_body_is_a_corrupt_message_error():
     serde = SingleObjectSerde()
-    data = serde.encode("ImageArrived", sample_event("ImageArrived"), "t")
+    data = serde.encode("ImageArrived", example_event("ImageArrived"), "t")
     with pytest.raises(CorruptMessageError, match="ImageArrived body cannot be decoded"):
         serde.decode(data[:-6], "t", "ImageArrived")
     with pytest.raises(CorruptMessageError, match="trailing bytes"):
@@ -112,7 +112,7 @@ def test_corrupted_body_is_a_corrupt_message_error():
 
 def test_unknown_fingerprint_is_named():
     serde = SingleObjectSerde()
-    data = serde.encode("ImageArrived", sample_event("ImageArrived"), "t")
+    data = serde.encode("ImageArrived", example_event("ImageArrived"), "t")
     forged = data[:2] + bytes(8) + data[10:]
     with pytest.raises(UnknownSchemaError, match="unknown schema fingerprint 0000000000000000"):
         serde.decode(forged, "t")
@@ -120,14 +120,14 @@ def test_unknown_fingerprint_is_named():
 
 def test_message_of_another_schema_is_a_mismatch():
     serde = SingleObjectSerde()
-    data = serde.encode("CollectionEnded", sample_event("CollectionEnded"), "beamstream.images")
+    data = serde.encode("CollectionEnded", example_event("CollectionEnded"), "beamstream.images")
     with pytest.raises(SchemaMismatchError, match="is of type CollectionEnded, expected ImageArrived"):
         serde.decode(data, "beamstream.images", "ImageArrived")
 
 
 def test_invalid_value_names_the_field():
     serde = SingleObjectSerde()
-    value = sample_event("ImageArrived")
+    value = example_event("ImageArrived")
     value["image_number"] = "seven"
     with pytest.raises(InvalidRecordError, match="image_number"):
         serde.encode("ImageArrived", value, "t")

@@ -51,3 +51,33 @@ def _wait_for_retention(admin, topic, value, timeout=10.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_apply_refuses_to_grow_partitions_while_a_collection_is_open(kafka_settings):
+    from beamstream.platform.kafka_clients import make_producer
+    from beamstream.platform.topics import TopicError, topic_name
+    from beamstream.producers.events import EventPublisher, collection_started
+    from beamstream.schemas.examples import example_event
+    from beamstream.schemas.keys import dcid_key
+    from beamstream.schemas.serde import make_serde
+    from tests.helpers.cli_run import one_line_error, run_cli
+
+    with EventPublisher(kafka_settings) as publisher:
+        publisher.publish([collection_started(5150, file_template="/data/x_####.cbf", number_of_images=2)])
+    grown = load_settings(bootstrap_servers=kafka_settings.bootstrap_servers, home=kafka_settings.home,
+                          topic_prefix=kafka_settings.topic_prefix, image_partitions=6)
+    with pytest.raises(TopicError, match=r"from 4 to 6 partitions: 1 collection\(s\) still open \(dcid 5150\)"):
+        apply_topics(grown)
+    line = one_line_error(run_cli(grown, "topics", "apply"))
+    assert "dcid 5150" in line and "wait until these are summarised" in line
+    partitions = {r["topic"]: r["partitions"] for r in list_topics(kafka_settings)}
+    assert partitions[f"{kafka_settings.topic_prefix}results"] == 4
+
+    summaries = topic_name(kafka_settings, "summaries")
+    summary = example_event("CollectionSummary")
+    summary.update(dcid=5150, processing_job_id=None)
+    producer = make_producer(kafka_settings)
+    producer.produce(summaries, make_serde().encode("CollectionSummary", summary, summaries), dcid_key(5150))
+    producer.flush(10)
+    changes = {c.topic: c for c in apply_topics(grown)}
+    assert changes[f"{kafka_settings.topic_prefix}results"].detail == "4 -> 6"

@@ -74,3 +74,11 @@ def test_nothing_in_the_product_imports_test_or_benchmark_helpers() -> None:
     helpers = [module for module, path in _product_modules()
                if re.search(r"^\s*(?:from|import)\s+(tests|benchmarks)\b", path.read_text(), re.M)]
     assert helpers == []
+
+
+def test_tests_and_benchmarks_import_the_installed_names_only() -> None:
+    # Run from the checkout, `import schemas` would find the bare folder: a second copy of the module.
+    bare = re.compile(r"^\s*(?:from|import)\s+(diffraction|schemas|streams|producers|connectors|dashboard)\b", re.M)
+    files = [path for folder in ("tests", "benchmarks") for path in (ROOT / folder).rglob("*.py")]
+    offenders = [str(path.relative_to(ROOT)) for path in files if bare.search(path.read_text())]
+    assert offenders == []
