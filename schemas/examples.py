@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 _T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
-_SAMPLES: dict[str, dict] = {
+_EXAMPLES: dict[str, dict] = {
     "CollectionStarted": {
         "dcid": 1001, "beamline": "i03", "experiment_type": "grid", "number_of_images": 20,
         "start_image_number": 1, "file_template": "/dls/i03/data/2026/cm1/grid/thau_1_####.cbf",
@@ -96,11 +96,11 @@ _SAMPLES: dict[str, dict] = {
 }
 
 
-def sample_event(name: str) -> dict:
+def example_event(name: str) -> dict:
     """A fresh, valid example value of record type ``name``."""
-    return copy.deepcopy(_SAMPLES[name])
+    return copy.deepcopy(_EXAMPLES[name])
 
 
-def sample_names() -> list[str]:
+def example_names() -> list[str]:
     """Record types that have an example."""
-    return sorted(_SAMPLES)
+    return sorted(_EXAMPLES)

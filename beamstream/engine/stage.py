@@ -383,8 +383,8 @@ class Stage:
         room = max(FETCH_BATCH - len(self._pending), 1)
         # consume(n, timeout) waits for n messages or the timeout, so block for the first event
         # only (when idle) and then take what is already fetched: a batch never waits to fill up.
-        # With events in flight, wait only briefly: their results are committed as they come.
-        timeout = 0.0 if self._pending else 0.005 if self._in_flight else 0.2
+        # With events in flight, do not wait here: _harvest waits for them (and they are committed as they come).
+        timeout = 0.0 if self._pending or self._in_flight else 0.2
         messages = self.consumer.consume(1, timeout=timeout)
         # Queued before the second consume: a revocation served in there must drop them too.
         self._queue(messages)
@@ -421,8 +421,12 @@ class Stage:
         for one to finish when every thread is busy."""
         self._submit()
         unfinished = [f for _, f in self._in_flight if not f.done()]
-        if len(unfinished) >= self.threads:
-            futures.wait(unfinished, timeout=wait_s, return_when=futures.FIRST_COMPLETED)
+        if unfinished and (len(unfinished) >= self.threads or not self._pending):
+            # Every thread busy, or nothing else to start: wait for a result (briefly when a thread is
+            # free, so a new event is fetched and started soon).
+            busy = len(unfinished) >= self.threads
+            futures.wait(unfinished, timeout=wait_s if busy else min(wait_s, 0.005),
+                         return_when=futures.FIRST_COMPLETED)
         outputs: list[Output] = []
         blocked: set[tuple[str, int]] = set()
         kept: deque[tuple[Message, futures.Future]] = deque()
