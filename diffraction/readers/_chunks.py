@@ -1,4 +1,4 @@
-"""Structural checks of compressed HDF5 chunks before the HDF5 filter decompresses them.
+"""Structural checks of compressed HDF5 chunks before they are decompressed, and a fast path for EIGER frames.
 
 The bitshuffle filter (32008) trusts the per-block sizes stored inside a chunk
 and reads past the chunk when they are corrupt, and the LZ4 filter (32004)
@@ -6,6 +6,12 @@ decompresses with ``LZ4_decompress_fast``, which trusts the LZ4 stream itself:
 either can crash the whole process on a damaged file. So before a frame is
 decompressed its raw chunks are walked here (a few ms per 16M frame) and a bad
 one becomes an ImageReadError instead of a segmentation fault.
+
+The fast path (:func:`frame_reader`): a frame stored as one bitshuffle-LZ4 chunk, as
+DECTRIS detectors and their file writers store it, is read as its raw chunk and
+decompressed by the ``bitshuffle`` package outside HDF5. h5py serialises every HDF5
+call behind one lock, and HDF5's filter decompresses inside it, so a worker's threads
+would otherwise read frames one at a time; ``bitshuffle`` releases the GIL.
 """
 
 from __future__ import annotations
@@ -185,3 +191,50 @@ def chunk_checker(dataset: Any) -> Callable[[int], str | None] | None:
         return None
 
     return check
+
+
+def frame_reader(dataset: Any) -> Callable[[int], np.ndarray] | None:
+    """A function reading frame *i* of a 3-D dataset stored one bitshuffle-LZ4 chunk per frame (checked,
+    then decompressed outside HDF5), or None for any other layout (read it through HDF5).
+
+    The function raises :class:`CorruptChunk` naming what is wrong with a damaged chunk."""
+    try:
+        import bitshuffle
+    except ImportError:  # pragma: no cover - a dependency; HDF5's filter still reads the file
+        return None
+    if dataset.chunks is None or dataset.is_virtual:
+        return None
+    filters = _filters(dataset)
+    if len(filters) != 1 or filters[0][0] != BITSHUFFLE_FILTER:
+        return None
+    values = filters[0][1]
+    if len(values) < 5 or values[4] != 2:  # bitshuffle's compression flag: 2 is LZ4
+        return None
+    _, ny, nx = dataset.shape
+    if dataset.chunks != (1, ny, nx):
+        return None
+    dtype = dataset.dtype
+    expected = ny * nx * dtype.itemsize
+
+    def read(frame: int) -> np.ndarray:
+        try:
+            mask, raw = dataset.id.read_direct_chunk((frame, 0, 0))
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise CorruptChunk(f"chunk of frame {frame} cannot be read ({exc})") from None
+        raw = bytes(raw)
+        if mask & 1:  # the filter was skipped for this chunk: stored as it is
+            if len(raw) != expected:
+                raise CorruptChunk(f"unfiltered chunk of frame {frame} has {len(raw)} bytes, expected {expected}")
+            return np.frombuffer(raw, dtype=dtype).reshape(ny, nx)
+        problem = _check_bitshuffle(raw, expected, dtype.itemsize)
+        if problem:
+            raise CorruptChunk(f"chunk at {(frame, 0, 0)}: {problem}")
+        _, block_bytes = _HEADER.unpack_from(raw, 0)
+        body = np.frombuffer(raw, dtype=np.uint8, offset=_HEADER.size)
+        return bitshuffle.decompress_lz4(body, (ny, nx), dtype, block_bytes // dtype.itemsize)
+
+    return read
+
+
+class CorruptChunk(Exception):
+    """A compressed chunk that cannot be decompressed safely (the message says why)."""

@@ -20,7 +20,7 @@ import numpy as np
 from beamstream.diffraction.detectors import sensor_mu_per_mm
 from beamstream.diffraction.errors import DiffractionError, FrameIndexError, GeometryError, ImageReadError
 from beamstream.diffraction.image import DetectorGeometry, DiffractionImage
-from beamstream.diffraction.readers._chunks import chunk_checker
+from beamstream.diffraction.readers._chunks import CorruptChunk, chunk_checker, frame_reader
 from beamstream.diffraction.readers._common import (
     ImageSource,
     check_frame,
@@ -235,6 +235,7 @@ class _Block:
         self.dataset: Any = None
         self.handle: Any = None
         self.checker: Any = None
+        self.reader: Any = None  # the fast path for one-chunk bitshuffle-LZ4 frames, when the layout allows
 
 
 class NexusSource(ImageSource):
@@ -312,7 +313,8 @@ class NexusSource(ImageSource):
         if first is not None and dataset.shape[1:] != first.shape[1:]:
             raise ImageReadError(f"{where}: frame shape {dataset.shape[1:]} differs from {first.shape[1:]}")
         block.dataset = dataset
-        block.checker = chunk_checker(dataset)
+        block.reader = frame_reader(dataset)
+        block.checker = None if block.reader is not None else chunk_checker(dataset)
         self._counts[index] = int(dataset.shape[0])
         return dataset
 
@@ -365,7 +367,9 @@ class NexusSource(ImageSource):
         if problem:
             raise ImageReadError(f"{where}: frame {local} of {block.dataset_path} is corrupt: {problem}")
         try:
-            raw = dataset[local]
+            raw = block.reader(local) if block.reader is not None else dataset[local]
+        except CorruptChunk as exc:
+            raise ImageReadError(f"{where}: frame {local} of {block.dataset_path} is corrupt: {exc}") from None
         except (OSError, RuntimeError, ValueError) as exc:
             raise ImageReadError(f"{where}: cannot read frame {local} of {block.dataset_path} "
                                  f"(truncated or corrupt data?): {exc}") from None

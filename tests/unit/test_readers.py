@@ -110,6 +110,27 @@ def test_eiger_series_reads_back_frame_by_frame(eiger_series):
     assert read[3].metadata["data_file"].endswith("grid_data_000002.h5")
 
 
+def test_bitshuffle_lz4_frames_are_decompressed_outside_hdf5_and_match_its_filter(eiger_series):
+    master, frames = eiger_series
+    source = open_source(master)
+    for index in range(len(frames)):
+        fast = source.read(index)
+        block, local = source._blocks[source._locate(index)[0]], source._locate(index)[1]
+        assert block.reader is not None  # the one-chunk-per-frame bitshuffle-LZ4 layout takes the fast path
+        through_hdf5 = _as_counts(block.dataset[local])
+        assert np.array_equal(fast.data, through_hdf5)
+        _assert_same(fast, frames[index])
+
+
+def test_other_layouts_are_read_through_hdf5(tmp_path):
+    frames = list(generate_frames(2, SyntheticSpec(detector="eiger2_4m"), seed=3, strengths=[1, 0]))
+    master = write_nexus(frames, tmp_path / "plain_master.h5", compression=None)
+    source = open_source(master)
+    image = source.read(1)
+    assert source._blocks[0].reader is None
+    _assert_same(image, frames[1])
+
+
 def test_eiger_master_follows_the_dectris_layout(eiger_series):
     master, frames = eiger_series
     with h5py.File(master) as f:
