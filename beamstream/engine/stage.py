@@ -159,6 +159,7 @@ class Stage:
         #: With threads: events being processed, in the order they were fetched.
         self._in_flight: deque[tuple[Message, futures.Future]] = deque()
         self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 1 else None
+        self._seconds_per_event: float | None = None  # moving average of the processor's time, with threads
         self._offsets = BatchOffsets()
         self._last_tick = 0.0
         self._last_checkpoint = time.monotonic()
@@ -420,7 +421,7 @@ class Stage:
         partition (an unfinished event holds back the later ones of its partition). Waits up to ``wait_s``
         for one to finish when every thread is busy."""
         self._submit()
-        unfinished = [f for _, f in self._in_flight if not f.done()]
+        unfinished = {f for _, f in self._in_flight if not f.done()}
         if unfinished and (len(unfinished) >= self.threads or not self._pending):
             # Every thread busy, or nothing else to start: wait for a result (briefly when a thread is
             # free, so a new event is fetched and started soon).
@@ -429,6 +430,7 @@ class Stage:
                          return_when=futures.FIRST_COMPLETED)
         outputs: list[Output] = []
         blocked: set[tuple[str, int]] = set()
+        taken: set[futures.Future] = set()
         kept: deque[tuple[Message, futures.Future]] = deque()
         for message, future in self._in_flight:
             key = (message.topic(), message.partition())
@@ -437,7 +439,9 @@ class Stage:
                 kept.append((message, future))
                 continue
             self._offsets.add(message)
-            outputs.extend(future.result())  # a Backoff (or a bug) surfaces here
+            if future not in taken:  # one task's outputs, once (a task is a run of one partition's events)
+                taken.add(future)
+                outputs.extend(future.result())  # a Backoff (or a bug) surfaces here
         self._in_flight = kept
         self._submit()  # the threads work on while the batch commits
         return outputs
@@ -446,8 +450,31 @@ class Stage:
         # Beyond the threads, events wait in the pool's queue: a batch under load is as large as what
         # finished meanwhile, and a queued event of a revoked partition is cancelled before it starts.
         while self._pending and len(self._in_flight) < FETCH_BATCH:
-            message = self._pending.popleft()
-            self._in_flight.append((message, self._pool.submit(self.processor.process, [message])))
+            task = self._next_task()
+            future = self._pool.submit(self._process_timed, task)
+            self._in_flight.extend((message, future) for message in task)
+
+    def _next_task(self) -> list[Message]:
+        """The next events for one thread: one slow event, or a run of quick ones of one partition (a task
+        per event would cost more than a quick event's processing, and a revoked partition's task is
+        dropped whole)."""
+        size = 1 if self._seconds_per_event is None else max(1, min(64, int(0.002 / max(self._seconds_per_event,
+                                                                                        1e-7))))
+        first = self._pending.popleft()
+        task = [first]
+        key = (first.topic(), first.partition())
+        while self._pending and len(task) < size and (self._pending[0].topic(),
+                                                       self._pending[0].partition()) == key:
+            task.append(self._pending.popleft())
+        return task
+
+    def _process_timed(self, messages: list[Message]) -> list[Output]:
+        started = time.perf_counter()
+        outputs = self.processor.process(messages)
+        per_event = (time.perf_counter() - started) / len(messages)
+        previous = self._seconds_per_event
+        self._seconds_per_event = per_event if previous is None else 0.9 * previous + 0.1 * per_event
+        return outputs
 
     # -- waiting ------------------------------------------------------------------------
     def _back_off(self, wait: Backoff) -> None:

@@ -714,10 +714,10 @@ class Gated(Recorder):
             return self.gates.setdefault(event, threading.Event())
 
     def process(self, messages):
-        [message] = messages
-        with self._lock:
-            self.started.append(where(message))
-        assert self.gate(where(message)).wait(5), f"{where(message)} was never let through"
+        for message in messages:
+            with self._lock:
+                self.started.append(where(message))
+            assert self.gate(where(message)).wait(5), f"{where(message)} was never let through"
         return super().process(messages)
 
     def open_all(self) -> None:
@@ -822,3 +822,18 @@ def test_stopping_commits_the_events_in_flight(broker, settings):
     stage.finish_in_flight(timeout_s=5)
 
     assert outputs(broker) == [b"out-a0"] and broker.committed_offset(GROUP, "in", 0) == 1
+
+
+def test_quick_events_go_to_the_threads_in_runs_of_one_partition(broker, settings):
+    add(broker, 0, 150)
+    add(broker, 1, 150)
+    processor = Recorder()
+    stage = opened(broker, settings, processor, threads=2)
+    step_until(stage, lambda: broker.committed_offset(GROUP, "in", 0) == 150
+               and broker.committed_offset(GROUP, "in", 1) == 150)
+
+    assert sorted(processor.processed) == sorted(("in", p, o) for p in (0, 1) for o in range(150))
+    assert all(len({(t, p) for t, p, _ in chunk}) == 1 for chunk in processor.chunks)  # one partition each
+    assert max(len(chunk) for chunk in processor.chunks) > 1  # quick events share a task
+    assert outputs(broker) == expected_outputs(broker)
+
