@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -200,6 +201,7 @@ def _read_geometry(tree: _Tree, image_size_px: tuple[int, int]) -> tuple[Detecto
 # one series would otherwise re-read (and gunzip) a 16M pixel mask for every frame.
 _MASTER_CACHE: dict[tuple, tuple[DetectorGeometry, dict, np.ndarray | None]] = {}
 _MASTER_CACHE_SIZE = 4
+_MASTER_CACHE_LOCK = threading.Lock()
 
 
 def _read_master_metadata(tree: _Tree, shape: tuple[int, int]) -> tuple[DetectorGeometry, dict, np.ndarray | None]:
@@ -349,9 +351,10 @@ class NexusSource(ImageSource):
         cached = _MASTER_CACHE.get(key)
         if cached is None:
             cached = _read_master_metadata(_Tree(self.path, self._master), shape)
-            _MASTER_CACHE[key] = cached
-            while len(_MASTER_CACHE) > _MASTER_CACHE_SIZE:
-                _MASTER_CACHE.pop(next(iter(_MASTER_CACHE)))
+            with _MASTER_CACHE_LOCK:  # a worker's threads read frames of the same master at once
+                _MASTER_CACHE[key] = cached
+                while len(_MASTER_CACHE) > _MASTER_CACHE_SIZE:
+                    _MASTER_CACHE.pop(next(iter(_MASTER_CACHE)))
         self._geometry, self._metadata, self._static_good = cached
 
     def read(self, frame: int = 0) -> DiffractionImage:
