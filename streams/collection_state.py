@@ -209,7 +209,10 @@ def completion(state: CollectionState, now: float, timeout_s: float, owned_since
     expected = state.expected
     if state.ended and state.images_collected is not None:
         expected = min(expected, state.images_collected)
-    if all(state.has_image(n) for n in range(state.start_image_number, state.start_image_number + expected)):
+    # n_seen counts distinct images, so fewer than expected cannot cover the range: the scan (as long as the
+    # collection) runs only once it can succeed, not on every result.
+    first = state.start_image_number
+    if state.n_seen >= expected and all(state.has_image(n) for n in range(first, first + expected)):
         return "complete" if expected == state.expected else "incomplete"
     if timed_out(state, now, timeout_s, owned_since) and settled:
         return "incomplete"
