@@ -19,7 +19,6 @@ Run: python benchmarks/bench_pipeline.py [--json] [--quick] [--only PART] [--thr
 from __future__ import annotations
 
 import argparse
-import bz2
 import json
 import os
 import sys
@@ -38,6 +37,7 @@ from beamstream.platform.settings import load_settings  # noqa: E402
 from beamstream.platform.topics import apply_topics  # noqa: E402
 from beamstream.producers.events import EventPublisher, collection_started, image_arrived  # noqa: E402
 from tests.helpers.harness import ServiceProcess, TopicReader, free_port_pair  # noqa: E402
+from tests.helpers.spotfinding_data import decompressed_thaumatin  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "thaumatin_grid"
 PARTS = ("noop", "real", "throughput", "scaling", "facility")
@@ -152,11 +152,7 @@ def main() -> int:
     seconds = 3 if args.quick else 10
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         tmp_path = Path(tmp)
-        files = []
-        for source in sorted(DATA.glob("*.cbf.bz2"))[:4]:
-            target = tmp_path / source.name.removesuffix(".bz2")
-            target.write_bytes(bz2.decompress(source.read_bytes()))
-            files.append(str(target))
+        files = decompressed_thaumatin(tmp_path, 4)
         base = load_settings(home=tmp_path / "home", local_kafka_port=free_port_pair())
         cluster = LocalCluster(base)
         cluster.up(progress=False)

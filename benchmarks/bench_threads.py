@@ -15,7 +15,6 @@ Usage: ``python benchmarks/bench_threads.py [--repeat 3] [--json]``
 from __future__ import annotations
 
 import argparse
-import bz2
 import json
 import os
 import statistics
@@ -25,11 +24,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from beamstream.diffraction.synthetic import SyntheticSpec, generate_frames
-from beamstream.diffraction.writers import write_nexus
-from beamstream.streams.analysers import analyse_file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test helpers
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "thaumatin_grid"
+from beamstream.diffraction.synthetic import SyntheticSpec, generate_frames  # noqa: E402
+from beamstream.diffraction.writers import write_nexus  # noqa: E402
+from beamstream.streams.analysers import analyse_file  # noqa: E402
+from tests.helpers.spotfinding_data import THAUMATIN_DIR, decompressed_thaumatin  # noqa: E402
 
 
 def cores() -> int:
@@ -72,13 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "bench_threads", "cores": cores(), "cases": []}
     with tempfile.TemporaryDirectory(prefix="bench_threads_") as tmp:
         folder = Path(tmp)
-        cbfs = []
-        for source in sorted(DATA.glob("*.cbf.bz2"))[:8]:
-            target = folder / source.name.removesuffix(".bz2")
-            target.write_bytes(bz2.decompress(source.read_bytes()))
-            cbfs.append((str(target), 0))
+        cbfs = [(path, 0) for path in decompressed_thaumatin(folder, 8)]
         if not cbfs:
-            parser.error(f"no thaumatin frames under {DATA}")
+            parser.error(f"no thaumatin frames under {THAUMATIN_DIR}")
         report["cases"].append(scaling("PILATUS3 6M CBF", cbfs, args.repeat, args.runs))
         frames = generate_frames(4, SyntheticSpec(detector="eiger2_16m"), seed=1, strengths=[1.0, 0.7, 0.4, 0.0])
         master = write_nexus(frames, folder / "eiger16m_master.h5", frames_per_file=2)

@@ -73,3 +73,13 @@ def centroid_data() -> tuple[Path, np.ndarray]:
         pytest.skip(f"reference data missing: {CENTROID_DIR}")
     spots = np.genfromtxt(spots_csv, delimiter=",", names=True)
     return experiments, spots
+
+
+def decompressed_thaumatin(folder: Path, count: int) -> list[str]:
+    """The first ``count`` thaumatin frames written into ``folder`` as plain CBF, as a detector writes them."""
+    paths = []
+    for source in sorted(THAUMATIN_DIR.glob("*.cbf.bz2"))[:count]:
+        target = folder / source.name.removesuffix(".bz2")
+        target.write_bytes(bz2.decompress(source.read_bytes()))
+        paths.append(str(target))
+    return paths
