@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     if not args.verbose:
-        # librdkafka reports transient, retried conditions (coordinator loading) as
-        # warnings; people running a command only need to hear about failures.
-        logging.getLogger("beamstream.librdkafka").setLevel(logging.ERROR)
+        # librdkafka narrates every failed connection attempt (hundreds of lines while Kafka is
+        # unreachable) and every retried condition: a command says what failed in one line of its
+        # own. Long-running services set this logger up again for their JSON logs; -v shows it all.
+        logging.getLogger("beamstream.librdkafka").setLevel(logging.CRITICAL + 1)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:
