@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from confluent_kafka import KafkaException
 
 from beamstream.errors import BeamstreamError
+from beamstream.platform.retained import RetainedError
 from beamstream.platform.settings import Settings
 from beamstream.producers.events import Event, EventPublisher
 
@@ -35,6 +36,7 @@ def publish(publisher: EventPublisher, events: Sequence[Event]) -> int:
     """``publisher.publish(events)`` in one transaction, with Kafka failures as :class:`ProducerError`."""
     try:
         return publisher.publish(events)
-    except KafkaException as exc:
+    except (KafkaException, RetainedError) as exc:
         kinds = ", ".join(sorted({event.record_type for event in events}))
-        raise ProducerError(f"publishing {len(events)} {kinds} event(s) failed: {_reason(exc)}") from None
+        reason = _reason(exc) if isinstance(exc, KafkaException) else str(exc)
+        raise ProducerError(f"publishing {len(events)} {kinds} event(s) failed: {reason}") from None
