@@ -68,6 +68,13 @@ class SchemaVersion:
     fingerprint: bytes  # 8 bytes, little-endian CRC-64-AVRO as written on the wire
 
     @cached_property
+    def codec(self) -> dict:
+        """The schema as fastavro's reader, writer and validator take it. ``schema`` is parsed without
+        fastavro's "already parsed" mark (it stays plain JSON for fingerprints and the registry), and
+        fastavro parses such a schema again on every call: twice the cost of reading the body."""
+        return fastavro.parse_schema(self.schema, named_schemas={})
+
+    @cached_property
     def writer_check(self):
         """The checks fastavro's writer leaves out, for this schema (None: the writer checks it all)."""
         return compile_check(self.schema)
@@ -148,7 +155,7 @@ def _check_expected(name: str, expected: set[str] | None, topic: str) -> None:
 
 def _validate(version: SchemaVersion, value: dict) -> None:
     try:
-        validate(value, version.schema, raise_errors=True)
+        validate(value, version.codec, raise_errors=True)
     except fastavro.validation.ValidationError as exc:
         problems = "; ".join(str(e) for e in exc.errors) if hasattr(exc, "errors") else str(exc)
         raise InvalidRecordError(f"{version.name} does not fit its schema: {problems}") from None
@@ -159,7 +166,7 @@ def _read_body(body: bytes, writer: SchemaVersion, reader: SchemaVersion, where:
     try:
         # Resolving a schema against itself costs more than reading the body: only an old writer needs it.
         same = reader.fingerprint == writer.fingerprint
-        value = fastavro.schemaless_reader(stream, writer.schema, None if same else reader.schema)
+        value = fastavro.schemaless_reader(stream, writer.codec, None if same else reader.codec)
     except (EOFError, ValueError, IndexError, UnicodeDecodeError, struct.error,
             fastavro.read.SchemaResolutionError) as exc:
         raise CorruptMessageError(f"{where}: {writer.name} body cannot be decoded ({exc})") from None
@@ -185,14 +192,14 @@ class SingleObjectSerde:
             if version.writer_check is None or version.writer_check(value):
                 out = io.BytesIO(header)
                 out.seek(len(header))
-                fastavro.schemaless_writer(out, version.schema, value)
+                fastavro.schemaless_writer(out, version.codec, value)
                 return out.getvalue()
         except Exception:  # noqa: BLE001 - whatever the writer says, the validator says it better
             pass
         _validate(version, value)  # raises, naming the field
         out = io.BytesIO(header)  # it fits after all (the checks are stricter than validation)
         out.seek(len(header))
-        fastavro.schemaless_writer(out, version.schema, value)
+        fastavro.schemaless_writer(out, version.codec, value)
         return out.getvalue()
 
     def decode(self, data: bytes, topic: str = "", expected: str | Iterable[str] | None = None) -> Decoded:
