@@ -67,7 +67,9 @@ log = logging.getLogger(__name__)
 TRANSACTION_TIMEOUT_MS = 15_000
 #: Each transactional call's own limit; the broker aborts our transaction after TRANSACTION_TIMEOUT_MS anyway.
 COMMIT_TIMEOUT_S = 30.0
-FETCH_BATCH = 500
+#: Events fetched ahead of processing: under load a batch is as large as its commit interval allows (100 ms of
+#: work); at 500 the commits, not the events, set a no-op worker's pace (19,000 against 26,000-34,000 events/s).
+FETCH_BATCH = 2000
 #: Exit code of a process that left a stalled Kafka client behind (EX_TEMPFAIL: try again).
 STALLED_EXIT_CODE = 75
 
