@@ -8,7 +8,7 @@
 * the highest sustained rate one worker holds with the no-op analysis, with
   exactly-once on and off, and with the real analysis at 1 to every core's threads;
 * a facility simulation: a 560 Hz grid scan of 2,000 images analysed at 0.1 s each
-  (sleeping, so it costs no CPU) by 4 workers x 32 threads over 12 partitions.
+  (sleeping, so it costs no CPU) by 2 workers x 64 threads over 12 partitions.
 
 The no-op runs are measured after 10 s of warm-up traffic at their rate: a freshly
 started broker answers several times slower for its first seconds.
@@ -174,9 +174,11 @@ def main() -> int:
                  for n in range(1, len(os.sched_getaffinity(0)) + 1)]
         # A 560 Hz grid scan of 2,000 images analysed at 0.1 s each (sleeping: no CPU, so the pool's size is
         # what is measured, not this machine's cores): 56 analyses at once keep up with the detector; each of
-        # 4 workers holds 3 of the 12 partitions (140 Hz, 14 at once), and has 32 threads for the bursts.
+        # 2 workers holds 6 of the 12 partitions (280 Hz, 28 at once) and has 64 threads for the bursts. (Four
+        # workers x 32 did as well in some runs, but their eight stages and the broker on two cores made the
+        # tail vary: p99 0.4-1.1 s.)
         runs += [("facility", "latency", run_latency,
-                  (base, tmp_path, "noop", 560, -2000, files, 4, 32, 0.1, 12))]
+                  (base, tmp_path, "noop", 560, -2000, files, 2, 64, 0.1, 12))]
         if args.only:
             runs = [run for run in runs if run[0] in args.only]
         try:
