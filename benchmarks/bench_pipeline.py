@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from beamstream.operations.cluster import LocalCluster  # noqa: E402
+from beamstream.platform.processes import available_cores  # noqa: E402
 from beamstream.platform.settings import load_settings  # noqa: E402
 from beamstream.platform.topics import apply_topics  # noqa: E402
 from beamstream.producers.events import EventPublisher, collection_started, image_arrived  # noqa: E402
@@ -146,7 +146,7 @@ def main() -> int:
     parser.add_argument("--only", choices=PARTS, action="append",
                         help="run only these parts (repeatable; default all): noop or real latency, throughput, "
                         "the facility simulation")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--threads", type=int, default=available_cores(),
                         help="each worker's --threads (default: the cores available, as the worker's own default)")
     args = parser.parse_args()
     seconds = 3 if args.quick else 10
@@ -171,7 +171,7 @@ def main() -> int:
         # --threads buys through the whole pipeline (the broker shares the cores).
         runs += [("scaling", "throughput", run_throughput,
                   (base, tmp_path, True, 60 if args.quick else 240, n, tuple(files)))
-                 for n in range(1, len(os.sched_getaffinity(0)) + 1)]
+                 for n in range(1, available_cores() + 1)]
         # A 560 Hz grid scan of 2,000 images analysed at 0.1 s each (sleeping: no CPU, so the pool's size is
         # what is measured, not this machine's cores): 56 analyses at once keep up with the detector; each of
         # 2 workers holds 6 of the 12 partitions (280 Hz, 28 at once) and has 64 threads for the bursts. (Four

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,13 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test 
 
 from beamstream.diffraction.synthetic import SyntheticSpec, generate_frames  # noqa: E402
 from beamstream.diffraction.writers import write_nexus  # noqa: E402
+from beamstream.platform.processes import available_cores  # noqa: E402
 from beamstream.streams.analysers import analyse_file  # noqa: E402
 from tests.helpers.spotfinding_data import THAUMATIN_DIR, decompressed_thaumatin  # noqa: E402
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0))
 
 
 def rate(targets: list[tuple[str, int]], threads: int, repeat: int) -> float:
@@ -51,7 +46,7 @@ def scaling(case: str, targets: list[tuple[str, int]], repeat: int, runs: int) -
     """Median rate per thread count over ``runs`` runs, and the efficiency of each."""
     analyse_file(*targets[0])  # numba compilation, imports
     rows = []
-    for threads in range(1, cores() + 1):
+    for threads in range(1, available_cores() + 1):
         rates = [rate(targets, threads, repeat) for _ in range(runs)]
         rows.append({"threads": threads, "frames_per_s": round(statistics.median(rates), 2),
                      "runs": [round(r, 2) for r in rates]})
@@ -69,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per thread count; the median is reported (3)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    report = {"benchmark": "bench_threads", "cores": cores(), "cases": []}
+    report = {"benchmark": "bench_threads", "cores": available_cores(), "cases": []}
     with tempfile.TemporaryDirectory(prefix="bench_threads_") as tmp:
         folder = Path(tmp)
         cbfs = [(path, 0) for path in decompressed_thaumatin(folder, 8)]

@@ -242,7 +242,7 @@ class Stage:
         try:
             outputs = self._harvest(wait_s=0)
         except Backoff:
-            self._aborted()
+            self._discard_batch()  # stopping: the next owner processes them
             return
         if self._offsets:
             self._commit(outputs)
@@ -335,6 +335,10 @@ class Stage:
 
     def _aborted(self) -> None:
         self.aborted_batches += 1
+        self._discard_batch()
+
+    def _discard_batch(self) -> None:
+        """Forget the batch and everything fetched after it (the consumer was rewound to them)."""
         self._pending.clear()
         self._drop_in_flight(lambda _message: True)
         self._offsets.clear()
@@ -486,8 +490,7 @@ class Stage:
         for key, offset in self._offsets.first.items():
             positions[key] = min(positions.get(key, offset), offset)
         rewind(self.consumer, positions)
-        self._aborted()
-        self.aborted_batches -= 1  # nothing was sent to Kafka: not an aborted transaction
+        self._discard_batch()  # nothing was sent to Kafka: not an aborted transaction
         self.consumer.pause(self.consumer.assignment())
         deadline = time.monotonic() + wait.delay_s
         while not self.stop_requested.is_set() and time.monotonic() < deadline:

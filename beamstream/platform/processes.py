@@ -60,6 +60,11 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
 def require_free_ports(ports: Iterable[int], setting: str, error: type[Exception]) -> None:
     """Raise ``error`` naming the first of ``ports`` taken on 127.0.0.1 and ``setting``, where to choose another."""
     for port in ports:
@@ -156,17 +161,18 @@ class ServiceProcess:
                  env: dict[str, str] | None = None) -> None:
         self.settings, self.log_dir, self.name, self.args = settings, log_dir, name, args
         self.command = command
-        self.env = env or {}  # added to service_env's, added to service_env's, e.g. BEAMSTREAM_LOG_TOPIC
+        self.env = env or {}  # added to service_env's, e.g. BEAMSTREAM_LOG_TOPIC
         self.retired = False  # stopped on purpose: a Supervisor leaves it down
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self) -> ServiceProcess:
         self.starts += 1
-        log = open(self.log_dir / f"{self.name}-{self.starts}.log", "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "beamstream", self.command, *self.args],
-            env=service_env(self.settings, **self.env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(self.log_dir / f"{self.name}-{self.starts}.log", "wb") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "beamstream", self.command, *self.args],
+                env=service_env(self.settings, **self.env), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL)
         return self
 
     def kill(self) -> None:

@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 
 from beamstream.cli.params import non_negative_float, positive_int
 from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
 from beamstream.errors import BeamstreamError
+from beamstream.platform.processes import available_cores
 from beamstream.platform.settings import load_settings
 
 log = logging.getLogger(__name__)
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0))
 
 
 def register(subparsers) -> None:
