@@ -29,10 +29,10 @@ from beamstream.platform.retained import (
     open_reader,
     partitions_of,
     read_range,
-    resolve_topic,
     with_header,
 )
 from beamstream.platform.settings import Settings
+from beamstream.platform.topics import resolve_topic
 from beamstream.schemas.keys import parse_dcid_key
 
 REPLAYED_HEADER = "beamstream-replayed"

@@ -20,7 +20,6 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from beamstream.errors import BeamstreamError
 from beamstream.platform.kafka_clients import make_consumer
 from beamstream.platform.settings import Settings
-from beamstream.platform.topics import declared_topics
 
 Headers = list[tuple[str, bytes | None]]
 #: Errors of a partition whose leadership is still settling (a topic just created, a broker just restarted).
@@ -47,16 +46,6 @@ class Record:
     def id(self) -> str:
         """``partition:offset``: how people name a record of a known topic."""
         return f"{self.partition}:{self.offset}"
-
-
-def resolve_topic(settings: Settings, name: str) -> str:
-    """The cluster name of a declared topic given its logical name (``images``) or full name."""
-    specs = declared_topics(settings)
-    for spec in specs:
-        if name in (spec.logical_name, spec.name(settings)):
-            return spec.name(settings)
-    known = ", ".join(s.logical_name for s in specs)
-    raise RetainedError(f"no declared topic {name!r} (known: {known})")
 
 
 def open_reader(settings: Settings) -> Consumer:

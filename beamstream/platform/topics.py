@@ -1,7 +1,8 @@
 """Every topic Beamstream uses, declared in code and applied idempotently.
 
 ``apply_topics`` creates what is missing, adds partitions where a topic has too
-few, and sets configs that differ; it never deletes data or shrinks anything.
+few (not while a collection is open: see "growing partitions" below), and sets
+configs that differ; it never deletes data or shrinks anything.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from dataclasses import dataclass, field
 
 from beamstream.errors import BeamstreamError
 from beamstream.platform.kafka_clients import connection_problem, make_admin
+from beamstream.platform.retained import read_topic
 from beamstream.platform.settings import Settings
+from beamstream.schemas.serde import SerdeError, make_serde
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -155,8 +158,6 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
     growing = {s.name(settings): (len(existing[s.name(settings)].partitions), s.partitions) for s in specs
                if s.name(settings) in existing and len(existing[s.name(settings)].partitions) < s.partitions}
     if growing:
-        from beamstream.platform.partitioning import partition_change_refusal  # reads topics: imports this module
-
         refusal = partition_change_refusal(settings, growing)
         if refusal is not None:
             raise TopicError(refusal)
@@ -212,3 +213,60 @@ def list_topics(settings: Settings, timeout: float = 30.0) -> list[dict]:
             "description": spec.description,
         })
     return rows
+
+
+def resolve_topic(settings: Settings, name: str) -> str:
+    """The cluster name of a declared topic given its logical name (``images``) or full name."""
+    specs = declared_topics(settings)
+    for spec in specs:
+        if name in (spec.logical_name, spec.name(settings)):
+            return spec.name(settings)
+    known = ", ".join(s.logical_name for s in specs)
+    raise TopicError(f"no declared topic {name!r} (known: {known})")
+
+
+# -- growing partitions ---------------------------------------------------------------------
+# Not while a collection is open. A collection's start, end, results and table state sit on
+# partitions chosen by its dcid key modulo the partition count. Adding partitions while a
+# collection is open sends its later events to another partition than its earlier ones, and its
+# table entry (on the old partition) never sees them: the collection would be summarised wrong or
+# never. Image events are keyed ``dcid:image`` and carry no per-collection state, so they may move.
+
+CollectionKey = tuple[int, int | None]  # (dcid, processing job)
+
+
+def open_collections(settings: Settings) -> list[CollectionKey]:
+    """Collections started (within the collections topic's retention) that have no summary yet."""
+    serde = make_serde(settings.schema_registry_url)
+    started: set[CollectionKey] = set()
+    for record in read_topic(settings, topic_name(settings, "collections")):
+        try:
+            decoded = serde.decode(record.value, record.topic, "CollectionStarted")
+        except SerdeError:
+            continue  # ends, checks, junk
+        started.add((decoded.value["dcid"], decoded.value.get("processing_job_id")))
+    if not started:
+        return []
+    for record in read_topic(settings, topic_name(settings, "summaries")):
+        try:
+            summary = serde.decode(record.value, record.topic, "CollectionSummary").value
+        except SerdeError:
+            continue  # SampleCentres, junk
+        started.discard((summary["dcid"], summary.get("processing_job_id")))
+    return sorted(started, key=lambda key: (key[0], key[1] if key[1] is not None else -1))
+
+
+def partition_change_refusal(settings: Settings, growing: dict[str, tuple[int, int]]) -> str | None:
+    """Why the dcid-keyed topics in ``growing`` (name -> (now, wanted) partitions) must not grow now, or None."""
+    keyed_by_dcid = {name: change for name, change in growing.items() if name != topic_name(settings, "images")}
+    if not keyed_by_dcid:
+        return None
+    still_open = open_collections(settings)
+    if not still_open:
+        return None
+    now, wanted = next(iter(keyed_by_dcid.values()))
+    named = ", ".join(str(dcid) if job is None else f"{dcid} (job {job})" for dcid, job in still_open[:5])
+    more = f" and {len(still_open) - 5} more" if len(still_open) > 5 else ""
+    return (f"refusing to grow the dcid-keyed topics from {now} to {wanted} partitions: {len(still_open)} "
+            f"collection(s) still open (dcid {named}{more}) would have their events split over two partitions; "
+            "start no new collections, wait until these are summarised, then run `beamstream topics apply` again")
