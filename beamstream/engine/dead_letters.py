@@ -18,6 +18,15 @@ from beamstream.platform.retained import header_count
 
 log = logging.getLogger(__name__)
 
+#: The most bytes of the original message (payload, key and headers) a dead letter carries. A dead letter
+#: holds all of its message and more, so one of a message near Kafka's record limit (librdkafka's
+#: message.max.bytes, 1,000,000) would be refused, and the batch with it, again after every retry.
+MAX_CARRIED_BYTES = 900_000
+#: What is kept of each header value of a message too large to carry whole.
+CUT_HEADER_BYTES = 64
+#: The longest reason kept whole (one naming a path of a megabyte would not fit either).
+MAX_REASON_CHARS = 2_000
+
 
 def dead_letter(
     *,
@@ -34,8 +43,20 @@ def dead_letter(
     dcid: int | None = None,
     image_number: int | None = None,
 ) -> dict:
-    """A DeadLetter value carrying the original message unchanged."""
+    """A DeadLetter value carrying the original message unchanged; one too large for the dead-letter topic
+    (over :data:`MAX_CARRIED_BYTES`) with its header values and payload cut short, as its reason says."""
     reinjected = header_count(headers, REINJECTED_HEADER)  # 0 when junk: a dead letter must never fail
+    payload, headers = payload or b"", list(headers or ())
+    if len(reason) > MAX_REASON_CHARS:
+        half = MAX_REASON_CHARS // 2  # both ends: a long value named at the start, what is wrong at the end
+        reason = f"{reason[:half]} ...[{len(reason) - 2 * half} characters]... {reason[-half:]}"
+    carried = len(payload) + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+    if carried > MAX_CARRIED_BYTES:
+        headers = [(k[:CUT_HEADER_BYTES], v[:CUT_HEADER_BYTES] if v else v) for k, v in headers[:100]]
+        room = MAX_CARRIED_BYTES - len(key or b"") - sum(len(k) + len(v or b"") for k, v in headers)
+        reason += (f" (message of {carried} bytes: payload cut to its first {max(room, 0)} of {len(payload)} "
+                   "bytes, headers shortened, to fit the dead-letter topic)")
+        payload = payload[:max(room, 0)]
     return {
         "reason": reason,
         "error_type": error_type,
@@ -44,8 +65,8 @@ def dead_letter(
         "source_partition": source_partition,
         "source_offset": source_offset,
         "key": key,
-        "payload": payload or b"",
-        "headers": [{"key": str(k), "value": v} for k, v in headers or ()],
+        "payload": payload,
+        "headers": [{"key": str(k), "value": v} for k, v in headers],
         "attempts": attempts,
         "reinjected_count": reinjected,
         "dcid": dcid,

@@ -32,6 +32,7 @@ A commit that hangs inside librdkafka past ``stall_limit_s`` ends the process wi
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import threading
@@ -47,11 +48,14 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from beamstream.engine.table import ChangelogTable
 from beamstream.engine.transactions import (
     BatchOffsets,
+    CallLimit,
     Outcome,
     Output,
     TransactionFailed,
+    batch_committed,
     commit_at_least_once,
     commit_batch,
+    committed_offsets,
     rewind,
     rewind_to_committed,
 )
@@ -67,6 +71,10 @@ log = logging.getLogger(__name__)
 TRANSACTION_TIMEOUT_MS = 15_000
 #: Each transactional call's own limit; the broker aborts our transaction after TRANSACTION_TIMEOUT_MS anyway.
 COMMIT_TIMEOUT_S = 30.0
+#: How long a transactional call may block before the stage gives up on its producer (rule 5 of
+#: beamstream.engine.transactions). librdkafka ignores COMMIT_TIMEOUT_S when the group coordinator
+#: went away; a healthy commit takes milliseconds, one on a loaded two-core machine well under a second.
+CALL_LIMIT_S = 2.5
 #: Events fetched ahead of processing: under load a batch is as large as its commit interval allows (100 ms of
 #: work); at 500 the commits, not the events, set a no-op worker's pace (19,000 against 26,000-34,000 events/s).
 FETCH_BATCH = 2000
@@ -133,7 +141,7 @@ class Stage:
                  name: str = "stage", exactly_once: bool = True, commit_interval_s: float = 0.1,
                  chunk_size: int = 1, tick_interval_s: float = 1.0, checkpoint_interval_s: float = 30.0,
                  transactional_id: str | None = None, consumer_config: dict | None = None,
-                 threads: int = 1, stall_limit_s: float | None = 60.0,
+                 threads: int = 1, stall_limit_s: float | None = 60.0, call_limit_s: float = CALL_LIMIT_S,
                  last_words: Callable[[Stage], None] | None = None,
                  clients: KafkaClients = KafkaClients()) -> None:
         self.settings, self.group_id, self.topics, self.processor = settings, group_id, topics, processor
@@ -144,7 +152,11 @@ class Stage:
         self.threads = threads
         self.tick_interval_s = tick_interval_s
         self.checkpoint_interval_s = checkpoint_interval_s
-        self.transactional_id = transactional_id
+        # One id for every producer of this stage: a replacement fences a stuck predecessor and settles its
+        # transaction at once (KIP-447 fences zombies by group generation, so the id only has to be unique).
+        self.transactional_id = transactional_id or f"{group_id}-{uuid.uuid4().hex[:12]}"
+        self.call_limit = CallLimit(call_limit_s)
+        self.producers_replaced = 0
         self.consumer_config = consumer_config or {}
         self.stall_limit_s = stall_limit_s
         self.last_words = last_words  # called before a stalled process exits (a service's "failed" heartbeat)
@@ -271,6 +283,7 @@ class Stage:
             if self.stalled_for > self.stall_limit_s:
                 log.critical("stage stalled in a Kafka transaction, the process exits for a restart",
                              extra={"stage": self.name, "stalled_s": round(self.stalled_for, 1)})
+                faulthandler.dump_traceback(all_threads=True)  # which call hung, for the log
                 try:
                     if self.last_words is not None:
                         self.last_words(self)
@@ -305,14 +318,12 @@ class Stage:
             return
         self.committing_since = time.monotonic()
         in_batch = set(self._offsets.first)
+        batch_next = dict(self._offsets.next)
         try:
             outcome = commit_batch(self.producer, self.consumer, outputs, self._offsets,
-                                   timeout_s=COMMIT_TIMEOUT_S, on_delivery=self._changelogs)
+                                   timeout_s=COMMIT_TIMEOUT_S, on_delivery=self._changelogs, limit=self.call_limit)
         except TransactionFailed as exc:
-            log.warning("%s: %s; starting a new producer", self.name, exc)
-            self.producer = self._new_producer()
-            rewind_to_committed(self.consumer)
-            self._aborted()
+            self._replace_producer(exc, batch_next)
             return
         finally:
             self.committing_since = None
@@ -323,6 +334,36 @@ class Stage:
             # in it and are dropped below, so fetch them again too.
             rewind(self.consumer, self._first_pending(exclude=in_batch))
             self._aborted()
+
+    def _replace_producer(self, failure: TransactionFailed, batch_next: dict[tuple[str, int], int]) -> None:
+        """A new producer after ``failure``; then the batch counts as committed or aborted, as it turned out.
+
+        The new producer has the same transactional id, so making it fences the old one and settles the
+        old one's transaction (a stuck producer's is aborted at once, not after its timeout). Only then
+        do the committed offsets tell whether the batch committed. While Kafka is unreachable this keeps
+        trying; the stall watch still ends a process that cannot settle its batch within ``stall_limit_s``."""
+        log.warning("%s: %s; starting a new producer", self.name, failure)
+        started = time.monotonic()
+        while True:
+            try:
+                self.producer = self._new_producer()
+                committed = committed_offsets(self.consumer, COMMIT_TIMEOUT_S)
+                break
+            except KafkaException as exc:
+                if self.stop_requested.is_set():
+                    raise StageError(f"{self.name}: stopped before Kafka was back to settle the last batch "
+                                     f"({exc.args[0].str()}); its events are processed again") from None
+                log.warning("%s: Kafka not usable yet, trying again: %s", self.name, exc.args[0].str())
+                self.stop_requested.wait(1.0)
+        self.producers_replaced += 1
+        settled = batch_committed(batch_next, committed)
+        log.info("%s: new producer after %.1f s; the batch %s", self.name, time.monotonic() - started,
+                 "had committed" if settled else "is processed again")
+        if settled:
+            self._committed()
+            return
+        rewind_to_committed(self.consumer, committed)
+        self._aborted()
 
     def _committed(self) -> None:
         self.producer.poll(0)  # serves the changelog records' delivery reports before the tables commit
@@ -357,9 +398,7 @@ class Stage:
     def _new_producer(self):
         if not self.exactly_once:
             return self.clients.producer(self.settings)
-        # KIP-447 fences by consumer generation, so the id only has to be unique.
-        transactional_id = self.transactional_id or f"{self.group_id}-{uuid.uuid4().hex[:12]}"
-        return self.clients.producer(self.settings, transactional_id=transactional_id,
+        return self.clients.producer(self.settings, transactional_id=self.transactional_id,
                                      **{"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS})
 
     def _first_pending(self, exclude: set) -> dict[tuple[str, int], int]:

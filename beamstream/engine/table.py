@@ -46,6 +46,7 @@ V = TypeVar("V")
 
 _LENGTH = struct.Struct(">I")
 _CHECKPOINT_MAGIC = b"BSCKPT1\n"
+_DELETED = object()  # a buffered delete: flushed as a tombstone
 
 
 class ChangelogTable(Generic[V]):
@@ -76,6 +77,8 @@ class ChangelogTable(Generic[V]):
         put, or else a private copy of the committed one, so the committed state never changes but by
         :meth:`commit`. Changes to it are this transaction's once it is :meth:`put` (again)."""
         buffered = self._buffer.get((partition, key))
+        if buffered is _DELETED:
+            return None
         if buffered is not None:
             return buffered
         committed = self._committed.get(partition, {}).get(key)
@@ -86,11 +89,16 @@ class ChangelogTable(Generic[V]):
         after the transaction ends). Visible to :meth:`get` at once, to everything else after :meth:`commit`."""
         self._buffer[(partition, key)] = value
 
+    def delete(self, partition: int, key: bytes) -> None:
+        """Remove ``key`` in the open transaction: :meth:`flush` writes a tombstone (a record without a
+        value) for it, and :meth:`commit` drops it from the state."""
+        self._buffer[(partition, key)] = _DELETED
+
     def flush(self) -> list[Output]:
         """The changelog records of the open transaction, one per changed entry (each encoded once).
         Produce them with :meth:`delivered` as their delivery callback."""
         self._delivered.clear()
-        return [(self.changelog_topic, key, self.encode(value), partition)
+        return [(self.changelog_topic, key, None if value is _DELETED else self.encode(value), partition)
                 for (partition, key), value in self._buffer.items()]
 
     def delivered(self, error, message) -> None:
@@ -103,7 +111,10 @@ class ChangelogTable(Generic[V]):
         """The transaction committed: its writes become the table's state."""
         for (partition, key), value in self._buffer.items():
             if partition in self._committed:  # a partition revoked meanwhile stays gone
-                self._committed[partition][key] = value
+                if value is _DELETED:
+                    self._committed[partition].pop(key, None)
+                else:
+                    self._committed[partition][key] = value
                 self._changed_since_checkpoint.add(partition)
                 # Without its delivery report the offset is unknown: no checkpoint until the next restore.
                 self._offset[partition] = self._delivered.get(partition)

@@ -21,6 +21,16 @@ The rules, in the order :func:`commit_batch` applies them to a failed call
    are processed again, by this worker or by their new owner.
 4. Anything else, or an abort that fails: the producer's state is unknown, which
    is treated as fatal (rule 1). Raising is never wrong here; committing twice is.
+5. A call that does not return within its :class:`CallLimit`: librdkafka can block
+   past its own timeout when the group coordinator went away (a broker restart,
+   confluentinc/librdkafka#5456 and #5511), and a blocked C call cannot be interrupted.
+   :class:`TransactionStuck` (a :class:`TransactionFailed`): the stage leaves the call
+   blocked on its helper thread and makes a producer with the same transactional id,
+   which fences the stuck one and settles its open transaction.
+
+After a :class:`TransactionFailed` whether the batch committed is unknown until the new
+producer has fenced the old one; then the group's committed offsets tell (they commit
+in the batch's transaction): see :func:`batch_committed`.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent import futures
 from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
@@ -59,6 +70,41 @@ class OutRecord:
 class TransactionFailed(BeamstreamError):
     """The transactional producer hit a fatal error (fenced, or its transaction timed out),
     or its state is unknown: it cannot be used again; a new producer must be made."""
+
+
+class TransactionStuck(TransactionFailed):
+    """A transactional call did not return within its :class:`CallLimit` (rule 5)."""
+
+
+class CallLimit:
+    """Runs the blocking transactional calls on a helper thread and gives up on one after ``limit_s``.
+
+    The call itself goes on (it cannot be interrupted) on a thread that is then abandoned, with the
+    producer it holds; the caller must not use that producer again. Calls of a healthy cluster take
+    milliseconds, so the limit only has to be longer than a slow commit on a loaded machine and
+    short enough that results flow again within seconds of the broker's return."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.abandoned = 0  # calls left blocked
+        self._pool: futures.ThreadPoolExecutor | None = None
+
+    def __call__(self, call: Callable[[], None], what: str) -> None:
+        """Run ``call`` (``what`` names it in the error); raises what it raises, or :class:`TransactionStuck`."""
+        if self._pool is None:
+            self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix="transaction-call")
+        future = self._pool.submit(call)
+        try:
+            future.result(self.limit_s)
+        except futures.TimeoutError:
+            self._pool.shutdown(wait=False)  # its one thread stays blocked in librdkafka until the call returns
+            self._pool = None
+            self.abandoned += 1
+            raise TransactionStuck(f"{what} did not return within {self.limit_s:g} s") from None
+
+
+def _unlimited(call: Callable[[], None], what: str) -> None:
+    call()
 
 
 class Outcome(enum.Enum):
@@ -102,21 +148,28 @@ class BatchOffsets:
 
 
 def commit_batch(producer, consumer, outputs: Iterable[Output], offsets: BatchOffsets,
-                 timeout_s: float = 30.0, on_delivery: dict[str, DeliveryCallback] | None = None) -> Outcome:
+                 timeout_s: float = 30.0, on_delivery: dict[str, DeliveryCallback] | None = None,
+                 limit: CallLimit | None = None) -> Outcome:
     """Produce ``outputs`` and commit ``offsets`` in one transaction (the rules are the module's).
-    ``on_delivery`` names a delivery callback per topic (a table learns where its records landed).
+    ``on_delivery`` names a delivery callback per topic (a table learns where its records landed);
+    ``limit`` bounds each blocking call (rule 5).
 
     On :attr:`Outcome.ABORTED` the consumer has been rewound to the batch's first events.
     Raises :class:`TransactionFailed` when the producer must be replaced; ``offsets`` is
     cleared in every case.
     """
+    run = limit or _unlimited
     try:
         producer.begin_transaction()
         for output in outputs:
             produce(producer, output, on_delivery)
-        _retrying(lambda: producer.send_offsets_to_transaction(
-            offsets.to_commit(), consumer.consumer_group_metadata(), timeout_s), timeout_s)
-        _retrying(lambda: producer.commit_transaction(timeout_s), timeout_s)
+        metadata = consumer.consumer_group_metadata()
+        _retrying(lambda: run(lambda: producer.send_offsets_to_transaction(offsets.to_commit(), metadata, timeout_s),
+                              "send_offsets_to_transaction"), timeout_s)
+        _retrying(lambda: run(lambda: producer.commit_transaction(timeout_s), "commit_transaction"), timeout_s)
+    except TransactionStuck:
+        offsets.clear()
+        raise
     except KafkaException as exc:
         error: KafkaError = exc.args[0]
         if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
@@ -124,10 +177,13 @@ def commit_batch(producer, consumer, outputs: Iterable[Output], offsets: BatchOf
             raise TransactionFailed(f"transaction failed: {error.str()}") from None
         log.warning("transaction aborted, its events will be processed again: %s", error.str())
         try:
-            producer.abort_transaction(timeout_s)
+            run(lambda: producer.abort_transaction(timeout_s), "abort_transaction")
         except KafkaException as abort_exc:
             offsets.clear()  # the caller rewinds to the committed offsets with the new producer
             raise TransactionFailed(f"abort failed: {abort_exc.args[0].str()}") from None
+        except TransactionStuck:
+            offsets.clear()
+            raise
         rewind(consumer, offsets.first)
         offsets.clear()
         return Outcome.ABORTED
@@ -172,14 +228,30 @@ def rewind(consumer, first: dict[PartitionKey, int]) -> None:
             consumer.seek(TopicPartition(topic, partition, offset))
 
 
-def rewind_to_committed(consumer, timeout_s: float = 30.0) -> None:
-    """Seek every assigned partition to its committed offset (the beginning if none):
-    after a producer was lost, the uncommitted position is unknown."""
+def committed_offsets(consumer, timeout_s: float = 30.0) -> dict[PartitionKey, int]:
+    """The group's committed offset of every assigned partition (-1 when none); raises KafkaException."""
     assignment = consumer.assignment()
     if not assignment:
-        return
-    for tp in consumer.committed(assignment, timeout=timeout_s):
-        consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+        return {}
+    return {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(assignment, timeout=timeout_s)}
+
+
+def batch_committed(batch_next: dict[PartitionKey, int], committed: dict[PartitionKey, int]) -> bool:
+    """Whether a batch whose transaction failed committed after all: its offsets commit in its transaction,
+    so it did when every partition of it still assigned has the batch's next offset committed. Only
+    meaningful once the failed producer is fenced (its transaction can no longer change)."""
+    mine = [key for key in batch_next if key in committed]
+    return bool(mine) and all(committed[key] == batch_next[key] for key in mine)
+
+
+def rewind_to_committed(consumer, committed: dict[PartitionKey, int] | None = None, timeout_s: float = 30.0) -> None:
+    """Seek every assigned partition to its committed offset (the beginning if none):
+    after a producer was lost, the uncommitted position is unknown. ``committed`` as read by
+    :func:`committed_offsets`, which is asked when not given."""
+    if committed is None:
+        committed = committed_offsets(consumer, timeout_s)
+    for (topic, partition), offset in committed.items():
+        consumer.seek(TopicPartition(topic, partition, offset if offset >= 0 else OFFSET_BEGINNING))
 
 
 def commit_at_least_once(producer, consumer, outputs: Iterable[Output], offsets: BatchOffsets,

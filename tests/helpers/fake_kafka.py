@@ -29,6 +29,7 @@ retention, several members of one group sharing partitions, message timestamps.
 from __future__ import annotations
 
 import itertools
+import threading
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class FakeBroker:
     #: Every client call in order, as "consumer.seek", "producer.commit_transaction", ...
     calls: list[str] = field(default_factory=list)
     _failures: dict[str, deque[KafkaError]] = field(default_factory=dict)
+    _hangs: dict[str, tuple[threading.Event, bool]] = field(default_factory=dict)
     _epochs: dict[str, int] = field(default_factory=dict)  # transactional id -> producer epoch
     _members: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -180,6 +182,18 @@ class FakeBroker:
         """Make the next ``times`` calls of ``method`` (``commit_transaction``, ``make_producer``, ...) raise
         ``KafkaException(error)`` without taking effect."""
         self._failures.setdefault(method, deque()).extend([error] * times)
+
+    def hang_next(self, method: str, release: threading.Event, *, after_effect: bool = False) -> None:
+        """Make the next call of ``method`` block until ``release`` is set, as librdkafka's transactional
+        calls can after a broker restart: before it takes effect, or (``after_effect``) once it has
+        (a commit that went through but never returned)."""
+        self._hangs[method] = (release, after_effect)
+
+    def _hang(self, method: str, after_effect: bool) -> None:
+        hang = self._hangs.get(method)
+        if hang is not None and hang[1] == after_effect:
+            del self._hangs[method]
+            hang[0].wait()
 
     def rebalance(self, revoke: list[PartitionKey] = (), assign: list[PartitionKey] = (), *, lost: bool = False,
                   after: int = 0) -> None:
@@ -469,6 +483,7 @@ class FakeProducer:
 
     def send_offsets_to_transaction(self, positions: list[TopicPartition], group_metadata: FakeGroupMetadata,
                                     timeout: float | None = None) -> None:
+        self.broker._hang("send_offsets_to_transaction", after_effect=False)
         self._call("send_offsets_to_transaction")
         self._require_transaction()
         offsets = {(tp.topic, tp.partition): tp.offset for tp in positions}
@@ -481,6 +496,7 @@ class FakeProducer:
         self._offsets.setdefault(group_metadata.group_id, {}).update(offsets)
 
     def commit_transaction(self, timeout: float | None = None) -> None:
+        self.broker._hang("commit_transaction", after_effect=False)
         self._call("commit_transaction")
         self._require_transaction()
         for topic, partition, offset in self._records:
@@ -490,6 +506,7 @@ class FakeProducer:
         self._records, self._offsets = [], {}
         self.state = "ready"
         self.committed_transactions += 1
+        self.broker._hang("commit_transaction", after_effect=True)
 
     def abort_transaction(self, timeout: float | None = None) -> None:
         self._call("abort_transaction")

@@ -426,8 +426,10 @@ def test_lost_producer_is_replaced_and_the_consumer_rewound_to_committed_offsets
     assert stage.step() is True
 
     assert stage.producer is not first and stage.producer is broker.producers[-1] and len(broker.producers) == 2
-    assert stage.producer.transactional_id != first.transactional_id
+    # The same id: making the replacement fenced the lost producer and settled its transaction.
+    assert stage.producer.transactional_id == first.transactional_id
     assert stage.producer.transactional_id.startswith(f"{GROUP}-")
+    assert stage.producers_replaced == 1
     assert stage.producer.config == {"transaction.timeout.ms": 15_000}
     assert sorted(stage.consumer.seeks) == [("in", 0, 2), ("in", 1, OFFSET_BEGINNING)]
     assert stage.aborted_batches == 1 and processor.hooks[-1] == ("aborted",)
@@ -436,6 +438,67 @@ def test_lost_producer_is_replaced_and_the_consumer_rewound_to_committed_offsets
 
     assert outputs(broker) == expected_outputs(broker)
     assert broker.committed_offset(GROUP, "in", 0) == 4 and broker.committed_offset(GROUP, "in", 1) == 1
+
+
+def test_a_stuck_transactional_call_is_abandoned_and_its_batch_processed_again(broker, settings):
+    add(broker, 0, 2)
+    processor = Recorder()
+    stage = opened(broker, settings, processor, call_limit_s=0.2)
+    stage.step()
+    add(broker, 0, 2)
+    first = stage.producer
+    release = threading.Event()
+    broker.hang_next("send_offsets_to_transaction", release)
+    try:
+        assert stage.step() is True
+
+        assert stage.producer is not first and stage.producer.transactional_id == first.transactional_id
+        assert stage.call_limit.abandoned == 1 and stage.producers_replaced == 1
+        assert stage.aborted_batches == 1 and processor.hooks[-1] == ("aborted",)
+        # The stuck producer's open transaction was aborted by its replacement, not left to time out.
+        assert broker.stable_end("out", 0) == len(broker.records("out", 0))
+        run_until_idle(stage)
+    finally:
+        release.set()  # the abandoned call returns (fenced); nothing uses its producer again
+
+    assert outputs(broker) == expected_outputs(broker)
+    assert broker.committed_offset(GROUP, "in", 0) == 4
+
+
+def test_a_commit_that_went_through_but_never_returned_counts_as_committed(broker, settings):
+    add(broker, 0, 2)
+    processor = Recorder()
+    stage = opened(broker, settings, processor, call_limit_s=0.2)
+    stage.step()
+    add(broker, 0, 2)
+    release = threading.Event()
+    broker.hang_next("commit_transaction", release, after_effect=True)
+    try:
+        stage.step()
+
+        assert stage.call_limit.abandoned == 1 and stage.producers_replaced == 1
+        # The committed offsets show the batch committed: not processed again, hooks as for a commit.
+        assert stage.committed_batches == 2 and stage.aborted_batches == 0 and processor.hooks[-1] == ("committed",)
+        assert stage.consumer.seeks == []
+        run_until_idle(stage)
+    finally:
+        release.set()
+
+    assert outputs(broker) == expected_outputs(broker)
+    assert processor.processed == [("in", 0, n) for n in range(4)]
+
+
+def test_replacing_a_producer_keeps_trying_while_kafka_is_unreachable(broker, settings):
+    add(broker, 0, 2)
+    stage = opened(broker, settings, Recorder())
+    broker.fail_next("commit_transaction", FATAL)
+    broker.fail_next("make_producer", kafka_error(KafkaError._TRANSPORT), times=2)
+
+    stage.step()
+
+    assert broker.calls.count("make_producer") == 4 and stage.producers_replaced == 1
+    run_until_idle(stage)
+    assert outputs(broker) == expected_outputs(broker)
 
 
 def test_replacement_producer_keeps_a_stable_transactional_id(broker, settings):
@@ -450,13 +513,14 @@ def test_replacement_producer_keeps_a_stable_transactional_id(broker, settings):
     assert outputs(broker) == [b"out-a0"]
 
 
-def test_producer_that_cannot_be_replaced_stops_the_step(broker, settings):
+def test_a_stage_asked_to_stop_while_its_producer_cannot_be_replaced_stops(broker, settings):
     add(broker, 0, 1)
     stage = opened(broker, settings, Recorder())
     broker.fail_next("commit_transaction", FATAL)
-    broker.fail_next("make_producer", kafka_error(KafkaError._TRANSPORT))
+    broker.fail_next("make_producer", kafka_error(KafkaError._TRANSPORT, reason="broker down"))
+    stage.stop_requested.set()
 
-    with pytest.raises(KafkaException):
+    with pytest.raises(StageError, match="stopped before Kafka was back.*broker down"):
         stage.step()
     assert outputs(broker) == []
 
