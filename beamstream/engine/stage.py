@@ -360,18 +360,20 @@ class Stage:
         log.info("%s: new producer after %.1f s; the batch %s", self.name, time.monotonic() - started,
                  "had committed" if settled else "is processed again")
         if settled:
-            self._committed()
+            # Committed by this stage, or (a zombie's partitions) by their new owner up to the same offset:
+            # the rebalance served in the next consume drops lost partitions, so no checkpoint before it.
+            self._committed(checkpoint=False)
             return
         rewind_to_committed(self.consumer, committed)
         self._aborted()
 
-    def _committed(self) -> None:
+    def _committed(self, checkpoint: bool = True) -> None:
         self.producer.poll(0)  # serves the changelog records' delivery reports before the tables commit
         for table in self.processor.tables:
             table.commit()
         self.committed_batches += 1
         self.processor.committed()
-        if time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s:
+        if checkpoint and time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s:
             self._checkpoint()
 
     def _aborted(self) -> None:
