@@ -62,7 +62,12 @@ class AtomicWriter:
 
     def positions(self, timeout: float = 60.0) -> list[tuple[int, int]]:
         """Wait for every record so far to be acknowledged; their (partition, offset), in produce order."""
-        if self.producer.flush(timeout) > 0:
+        try:
+            unacknowledged = self.producer.flush(timeout)
+        except SystemError as exc:
+            # confluent-kafka 2.16 raises SystemError out of flush() once a fatal error (fenced) is pending.
+            raise RetainedError(f"the producer failed: {exc}") from None
+        if unacknowledged > 0:
             raise RetainedError(f"records not acknowledged within {timeout:.0f} s")
         if self._errors:
             raise RetainedError(f"producing failed: {self._errors[0]}")

@@ -412,3 +412,19 @@ def test_dead_letters_output_of_a_message_without_headers():
     DeadLetters(serde, "dlq", "ispyb-sink").output(FakeMessage("results", 0, 0, value=b"x"), "r", "E")
     ((_, value, _),) = serde.encoded
     assert value["service"] == "ispyb-sink" and value["headers"] == [] and value["reinjected_count"] == 0
+
+
+def test_atomic_writer_turns_a_system_error_out_of_flush_into_an_aborted_transaction(broker, producer):
+    # confluent-kafka 2.16 raises SystemError out of flush() once a fatal error (fenced) is pending.
+    from beamstream.engine.atomic_writer import AtomicWriter, OutRecord
+    from beamstream.platform.retained import RetainedError
+
+    def failing_flush(timeout=None):
+        raise SystemError("<method 'str' of 'KafkaError' objects> returned a result with an exception set")
+
+    producer.flush = failing_flush
+    with pytest.raises(RetainedError, match="nothing written: the producer failed"):
+        with AtomicWriter(producer=producer) as writer:
+            writer.produce(OutRecord("out", b"k", b"v"))
+
+    assert producer.aborted_transactions == 1 and broker.values("out") == []
