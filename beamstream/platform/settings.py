@@ -40,8 +40,12 @@ class Settings:
 
     #: Kafka bootstrap servers; empty means "the local cluster this machine runs".
     bootstrap_servers: str = ""
-    #: Port of the local cluster's client listener (its controller uses port + 1).
+    #: Port of the local cluster's client listener (its controller uses port + 1). Node i (from 1) of a
+    #: several-node cluster uses port + 2(i - 1) and the port after it.
     local_kafka_port: int = 39092
+    #: Nodes (broker and controller each) of the local cluster: 1, 3 or 5. Unless set, what the cluster's
+    #: home recorded when it was formatted (``cluster up --brokers N``), else 1.
+    local_kafka_nodes: int = 1
     #: Security of the local cluster: ``none`` (PLAINTEXT, anyone on this host may connect) or ``scram``
     #: (SASL/SCRAM-SHA-512 and ACLs; commands then authenticate as the ``beamstream`` service user).
     local_kafka_security: str = "none"
@@ -73,7 +77,10 @@ class Settings:
     #: Prefix of every topic name, so several deployments can share one cluster.
     topic_prefix: str = "beamstream."
     image_partitions: int = 12
-    replication_factor: int = 1
+    #: Replicas of each topic ``topics apply`` creates; 0: the cluster's ``default.replication.factor``
+    #: (the local cluster sets it to 3 when it runs 3 or more nodes, else 1). An explicit factor also sets
+    #: each topic's ``min.insync.replicas`` to min(2, factor); with 0 the cluster's default holds.
+    replication_factor: int = 0
     #: Where the local cluster keeps its data and logs.
     home: Path = field(default_factory=_default_home)
     #: Where downloaded artifacts (Kafka jars) are cached.
@@ -90,9 +97,19 @@ class Settings:
         return self.home / "kafka" / "secrets"
 
     @property
+    def local_kafka_nodes_file(self) -> Path:
+        """Where the local cluster records how many nodes its storage was formatted for."""
+        return self.home / "kafka" / "nodes"
+
+    @property
+    def local_kafka_ports(self) -> tuple[int, ...]:
+        """The client port of each node of the local cluster (node 1 first)."""
+        return tuple(self.local_kafka_port + 2 * i for i in range(self.local_kafka_nodes))
+
+    @property
     def kafka_bootstrap(self) -> str:
-        """The bootstrap servers clients connect to."""
-        return self.bootstrap_servers or f"127.0.0.1:{self.local_kafka_port}"
+        """The bootstrap servers clients connect to (every node of the local cluster: any may be down)."""
+        return self.bootstrap_servers or ",".join(f"127.0.0.1:{port}" for port in self.local_kafka_ports)
 
     @property
     def database_url(self) -> str:
@@ -128,8 +145,9 @@ _FALSE = ("0", "false", "no", "off", "")
 _INT_RANGES = {
     "local_kafka_port": (1, 65534),
     "local_registry_port": (1, 65535),
+    "local_kafka_nodes": (1, 5),
     "image_partitions": (1, 10_000),
-    "replication_factor": (1, 100),
+    "replication_factor": (0, 100),
 }
 
 
@@ -144,6 +162,9 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             raise SettingError(f"{where}: expected an integer, got {raw!r}") from None
         if not low <= value <= high:
             raise SettingError(f"{where}: must be between {low} and {high}, got {value}")
+        if name == "local_kafka_nodes" and value % 2 == 0:
+            # KRaft needs a majority of its controllers: an even count tolerates no more failures than one fewer.
+            raise SettingError(f"{where}: must be 1, 3 or 5 (an odd number of controllers), got {value}")
         return value
     if name in _BOOLS:
         if isinstance(raw, bool):
@@ -241,7 +262,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             raise SettingError(f"unknown setting {name!r}")
         values[name] = _convert(name, raw, "override") if isinstance(raw, str) or name in _PATH_LIKE else raw
 
-    settings = _local_scram_client(Settings(**values))
+    settings = _local_scram_client(_recorded_nodes(Settings(**values), explicit="local_kafka_nodes" in values))
     if settings.sasl_mechanism and not settings.security_protocol.startswith("SASL"):
         raise SettingError(
             f"{ENV_PREFIX}SASL_MECHANISM is set but {ENV_PREFIX}SECURITY_PROTOCOL is "
@@ -249,6 +270,21 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         )
     return settings
 
+
+def _recorded_nodes(settings: Settings, explicit: bool) -> Settings:
+    """Unless set, the local cluster's node count as its home recorded it (``cluster up --brokers N``), so
+    ``status``, ``down`` and every client (bootstrap on each node) know it without being told again."""
+    if explicit or not settings.uses_local_cluster:
+        return settings
+    try:
+        recorded = settings.local_kafka_nodes_file.read_text().strip()
+    except OSError:
+        return settings  # one node, or not formatted yet
+    try:
+        return replace(settings, local_kafka_nodes=_convert("local_kafka_nodes", recorded,
+                                                            str(settings.local_kafka_nodes_file)))
+    except SettingError as exc:
+        raise SettingError(f"{exc}; run `beamstream cluster up --reset` to format it again") from None
 
 
 def _local_scram_client(settings: Settings) -> Settings:

@@ -81,6 +81,12 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec("workers-samples-changelog", (), n,
                   {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
                   "Changelog of the per-sample table (orthogonal grid centres); compacted."),
+        # The analysis stage's answered-images table (beamstream.streams.answered_images), co-partitioned
+        # with images: an image event published twice is answered once.
+        TopicSpec("workers-answered-changelog", (), n,
+                  {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                  "Changelog of the images answered per images partition and collection (JSON); compacted, "
+                  "collections expire after the workers' retention (tombstones)."),
         TopicSpec("monitor", ("MonitorEvent",), 1,
                   {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
                   "The process monitor's observations, scaling decisions and warnings."),
@@ -115,7 +121,7 @@ class TopicChange:
     """One thing ``apply_topics`` did (or would do)."""
 
     topic: str
-    action: str  # created, partitions, config, unchanged
+    action: str  # created, partitions, replication (wanted, not done), config, unchanged
     detail: str = ""
 
 
@@ -141,8 +147,10 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
 
     to_create = [s for s in specs if s.name(settings) not in existing]
     if to_create:
+        # -1 asks the cluster for its default.replication.factor (Kafka >= 2.4).
         futures = admin.create_topics(
-            [NewTopic(s.name(settings), s.partitions, settings.replication_factor, config=s.configs)
+            [NewTopic(s.name(settings), s.partitions, settings.replication_factor or -1,
+                      config={**s.configs, **replication_configs(settings, settings.replication_factor)})
              for s in to_create],
             operation_timeout=timeout,
         )
@@ -173,9 +181,16 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
             except KafkaException as exc:
                 raise TopicError(f"adding partitions to {name} failed: {exc.args[0].str()}") from None
             changes.append(TopicChange(name, "partitions", f"{have} -> {spec.partitions}"))
+        replicas = min(len(p.replicas) for p in existing[name].partitions.values())
+        if settings.replication_factor > replicas:
+            changes.append(TopicChange(name, "replication", f"{replicas} replica(s), {settings.replication_factor} "
+                                       "wanted: not changed (that takes a partition reassignment)"))
         resource = ConfigResource(ConfigResource.Type.TOPIC, name)
         current = admin.describe_configs([resource])[resource].result()
-        differing = {k: v for k, v in spec.configs.items() if k not in current or current[k].value != v}
+        # min.insync.replicas from the replicas the topic has, not the ones wanted: above them, no write succeeds.
+        wanted = {**spec.configs,
+                  **replication_configs(settings, min(settings.replication_factor, replicas))}
+        differing = {k: v for k, v in wanted.items() if k not in current or current[k].value != v}
         if differing:
             resource = ConfigResource(
                 ConfigResource.Type.TOPIC, name,
@@ -187,9 +202,18 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
             except KafkaException as exc:
                 raise TopicError(f"altering configs of {name} failed: {exc.args[0].str()}") from None
             changes.append(TopicChange(name, "config", ", ".join(f"{k}={v}" for k, v in differing.items())))
-        elif have >= spec.partitions:
+        elif have >= spec.partitions and settings.replication_factor <= replicas:
             changes.append(TopicChange(name, "unchanged"))
     return changes
+
+
+def replication_configs(settings: Settings, replicas: int) -> dict[str, str]:
+    """Topic configs for ``replicas`` replicas: ``min.insync.replicas`` min(2, replicas), so that with
+    ``acks=all`` a write is on two brokers before it counts, yet a single replica can still be written.
+    None when ``replication_factor`` is 0: the cluster's own defaults hold."""
+    if not settings.replication_factor:
+        return {}
+    return {"min.insync.replicas": str(min(2, replicas))}
 
 
 def list_topics(settings: Settings, timeout: float = 30.0) -> list[dict]:

@@ -1,17 +1,29 @@
 """The local cluster launcher against a real broker."""
 
+import json
+import os
 import socket
+import subprocess
 import sys
 import time
 import uuid
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import ConfigResource
 
+from beamstream.errors import SettingError
 from beamstream.operations.cluster import ClusterError, LocalCluster, find_java
-from beamstream.platform.kafka_clients import make_consumer, make_producer
+from beamstream.platform.kafka_clients import make_admin, make_consumer, make_producer
 from beamstream.platform.settings import load_settings
 from beamstream.platform.topics import topic_name
+from tests.helpers.failover import (  # noqa: F401 (the fixtures are used by name)
+    free_port_run,
+    fresh_settings,
+    partition_leaders,
+    three_node_cluster,
+    three_node_settings,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -109,3 +121,70 @@ def test_two_producers_with_one_transactional_id_fence_the_older(kafka_settings)
                                              KafkaError.INVALID_PRODUCER_EPOCH)
     # Only the newer producer's message is visible to read_committed consumers.
     assert _read_all(kafka_settings, topic, 2, timeout=8) == [b"from the newer producer"]
+
+
+# -- three nodes -------------------------------------------------------------------------
+def _cli(home, port, *args):
+    """``beamstream ARGS`` against the local cluster in ``home`` (no external bootstrap)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEAMSTREAM_")}
+    env.update(BEAMSTREAM_HOME=str(home), BEAMSTREAM_LOCAL_KAFKA_PORT=str(port))
+    return subprocess.run([sys.executable, "-m", "beamstream", *args], env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_three_nodes_are_listed_remembered_and_replicate(three_node_cluster):  # noqa: F811
+    cluster = three_node_cluster
+    cluster.up(progress=False)  # a node an earlier test killed comes back
+    home, port = cluster.settings.home, cluster.settings.local_kafka_port
+    status = json.loads(_cli(home, port, "cluster", "status", "--json").stdout)  # no --brokers: the home knows
+    assert [(n["id"], n["running"], n["port"]) for n in status["nodes"]] == [
+        (1, True, port), (2, True, port + 2), (3, True, port + 4)]
+    assert len({n["data_dir"] for n in status["nodes"]}) == len({n["pid"] for n in status["nodes"]}) == 3
+    remembered = load_settings(environ={}, home=home, local_kafka_port=port)
+    assert remembered.local_kafka_nodes == 3
+    assert remembered.kafka_bootstrap == f"127.0.0.1:{port},127.0.0.1:{port + 2},127.0.0.1:{port + 4}"
+
+    settings = fresh_settings(cluster)  # replication_factor unset: the cluster's default
+    make_producer(settings, transactional_id=f"{settings.topic_prefix}t")  # creates the transaction log
+    admin = make_admin(settings)
+    metadata = admin.list_topics(timeout=10)
+    images = metadata.topics[topic_name(settings, "images")]
+    assert {len(p.replicas) for p in images.partitions.values()} == {3}
+    assert {len(p.replicas) for p in metadata.topics["__transaction_state"].partitions.values()} == {3}
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic_name(settings, "images"))
+    assert admin.describe_configs([resource])[resource].result()["min.insync.replicas"].value == "2"
+
+
+def test_a_killed_node_is_reported_and_up_restarts_it(three_node_cluster, three_node_settings):  # noqa: F811
+    cluster = three_node_cluster
+    node = partition_leaders(three_node_settings, [topic_name(three_node_settings, "results")])[
+        (topic_name(three_node_settings, "results"), 0)]
+    cluster.kill(node)
+    status = cluster.status()
+    assert not status.running and status.nodes_running == 2
+    assert [n.node_id for n in status.nodes if not n.running] == [node]
+    result = _cli(cluster.settings.home, cluster.settings.local_kafka_port, "cluster", "status")
+    assert result.returncode == 3 and "2 of 3 running" in result.stdout
+    # The two others still take acks=all writes (min.insync.replicas 2) on the partition it led.
+    producer = make_producer(three_node_settings)
+    producer.produce(topic_name(three_node_settings, "results"), b"after the kill", b"k", partition=0)
+    assert producer.flush(30) == 0
+    cluster.up(progress=False)
+    assert cluster.status().nodes_running == 3
+
+
+def test_a_node_count_other_than_the_formatted_one_asks_for_reset(tmp_path):
+    settings = load_settings(environ={}, home=tmp_path, local_kafka_port=free_port_run(6), local_kafka_nodes=3)
+    settings.local_kafka_nodes_file.parent.mkdir(parents=True)
+    settings.local_kafka_nodes_file.write_text("1\n")  # as `cluster up` records a one-node cluster
+    with pytest.raises(ClusterError, match=r"formatted for 1 node, not 3 nodes; run `beamstream cluster up "
+                                           r"--brokers 3 --reset`"):
+        LocalCluster(settings).up(progress=False)
+    result = _cli(tmp_path, settings.local_kafka_port, "cluster", "up", "--brokers", "3")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--reset" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_even_node_count_is_refused():
+    with pytest.raises(SettingError, match="BEAMSTREAM_LOCAL_KAFKA_NODES: must be 1, 3 or 5"):
+        load_settings(environ={"BEAMSTREAM_LOCAL_KAFKA_NODES": "2"})
