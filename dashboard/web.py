@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from beamstream.dashboard.auth import AuthError, Principal, authenticate
 from beamstream.dashboard.view import DashboardView
 from beamstream.errors import BeamstreamError
 from beamstream.platform.settings import Settings
+from beamstream.producers.spool import list_spools, spool_root
 
 STATIC = Path(__file__).parent / "static"
 _DEAD_ID = re.compile(r"^(\d{1,9}):(\d{1,19})$")
@@ -34,7 +36,19 @@ _LOCK: web.AppKey[asyncio.Lock] = web.AppKey("action_lock", asyncio.Lock)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(data, default=str), status=status, content_type="application/json")
+    return web.Response(text=json.dumps(_finite(data), default=str), status=status, content_type="application/json")
+
+
+def _finite(data: Any) -> Any:
+    """``data`` with NaN and infinities as null: JSON has neither, and the browser's parser refuses the whole
+    answer for one (a result's undefined resolution, a monitor's rate)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
 
 
 def _error(status: int, reason: str) -> web.Response:
@@ -92,7 +106,10 @@ async def dead_letters(request: web.Request) -> web.Response:
 
 
 async def pipeline(request: web.Request) -> web.Response:
-    return _json(request.app[_VIEW].pipeline())
+    # This host's producer spools (events Kafka does not have yet) are read from disk, off the event loop.
+    root = spool_root(request.app[_SETTINGS])
+    spools = await asyncio.get_running_loop().run_in_executor(None, list_spools, root)
+    return _json({**request.app[_VIEW].pipeline(), "spools": [spool.as_dict() for spool in spools]})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -124,37 +124,56 @@ def collection_ended(
     })
 
 
+class EventEncoder:
+    """Events as the records that carry them: the topic of their record type, their key, their Avro value."""
+
+    def __init__(self, settings: Settings, serde: Serde | None = None) -> None:
+        self.serde = serde or make_serde(settings.schema_registry_url)
+        self._topics = {record: topic_name(settings, logical) for record, logical in RECORD_TOPICS.items()}
+
+    def encode(self, events: Iterable[Event], headers: Sequence[tuple[str, bytes]] = ()) -> list[OutRecord]:
+        """Every event encoded, or the first bad one's error raised (nothing half encoded is returned)."""
+        records = []
+        for event in events:
+            topic = self._topics[event.record_type]
+            records.append(OutRecord(topic, event.key, self.serde.encode(event.record_type, event.value, topic),
+                                     list(headers)))
+        return records
+
+
+def default_transactional_id(settings: Settings) -> str:
+    """A transactional id of this process's own, under the deployment's prefix."""
+    return f"{settings.topic_prefix}producer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 class EventPublisher:
-    """Publishes events atomically: each :meth:`publish` call is one Kafka transaction.
+    """Publishes events atomically: each :meth:`publish` call is one Kafka transaction, sent before it returns.
 
     The transactional id defaults to one per process; two publishers given the
     same id fence each other, which is what a restarted acquisition service wants.
+    Kafka must be reachable: to keep accepting events while it is not, use
+    :class:`beamstream.producers.publishing.SpooledPublisher`, which has the same ``publish``.
     """
 
     def __init__(self, settings: Settings, transactional_id: str | None = None, serde: Serde | None = None):
         self.settings = settings
-        self.serde = serde or make_serde(settings.schema_registry_url)
+        self.encoder = EventEncoder(settings, serde)
+        self.serde = self.encoder.serde
         # Under the deployment's prefix, like every id it owns: deployments sharing a cluster do not
         # collide, and prefix ACLs (BEAMSTREAM_LOCAL_KAFKA_SECURITY=scram) cover it.
-        self.transactional_id = transactional_id or (
-            f"{settings.topic_prefix}producer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        )
+        self.transactional_id = transactional_id or default_transactional_id(settings)
         self._producer = make_producer(settings, transactional_id=self.transactional_id)
-        self._topics = {record: topic_name(settings, logical) for record, logical in RECORD_TOPICS.items()}
 
     def publish(self, events: Iterable[Event], headers: Sequence[tuple[str, bytes]] = ()) -> int:
         """Send ``events`` in one transaction; returns how many were sent. All or nothing."""
-        events = list(events)
-        if not events:
+        # Encode everything first: a bad event aborts nothing half-sent.
+        records = self.encoder.encode(events, headers)
+        if not records:
             return 0
-        encoded = []
-        for event in events:  # encode everything first: a bad event aborts nothing half-sent
-            topic = self._topics[event.record_type]
-            encoded.append((topic, event.key, self.serde.encode(event.record_type, event.value, topic)))
         with AtomicWriter(producer=self._producer) as writer:
-            for topic, key, value in encoded:
-                writer.produce(OutRecord(topic, key, value, list(headers)))
-        return len(encoded)
+            for record in records:
+                writer.produce(record)
+        return len(records)
 
     def close(self) -> None:
         """Flush and release the producer."""

@@ -9,6 +9,11 @@ released by atomic rename on the detector's schedule (:mod:`producers.staging`),
 so files appear complete at detector rate even when drawing a frame is slower;
 the report says when rendering could not keep up.
 
+Events go through a durable spool (:class:`~producers.publishing.SpooledPublisher`,
+spool ``simulate`` unless told otherwise): a simulation runs on while Kafka is
+unreachable, and at the end waits for the spool to drain (``drain_timeout_s``);
+what is left is published by the next run on the spool or ``beamstream spool drain``.
+
 Grid scans put one crystal in the grid: diffraction strength falls off as a 2D
 Gaussian around a seed-chosen centre, so a heat map of spot counts has a clear
 X-ray centre, returned as :attr:`SimulationReport.true_centre` to check the
@@ -23,7 +28,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +38,8 @@ from beamstream.diffraction.detectors import PRESETS, get_preset
 from beamstream.diffraction.synthetic import SyntheticSpec, generate_image
 from beamstream.errors import BeamstreamError
 from beamstream.platform.settings import Settings
-from beamstream.producers.events import EventPublisher, collection_ended, collection_started
-from beamstream.producers.publishing import open_publisher, publish
+from beamstream.producers.events import collection_ended, collection_started
+from beamstream.producers.publishing import Publisher, SpooledPublisher, drain_spool, open_publisher, publish
 from beamstream.producers.staging import CbfStager, NexusStager, Release
 from beamstream.producers.watcher import WatchReport, watch
 
@@ -46,6 +51,8 @@ FORMATS = ("cbf", "nexus")
 _DONE = object()
 #: The beamline name simulated collections are announced with.
 SIMULATED_BEAMLINE = "simulated"
+#: The spool a simulation's events go through unless told otherwise.
+DEFAULT_SPOOL = "simulate"
 
 # Epoch of the time-based default dcids: keeps them below 2**32 (ISPyB's unsigned int) until ~2038.
 _DCID_EPOCH = 1_735_689_600  # 2025-01-01T00:00:00Z
@@ -91,6 +98,8 @@ class SimulationReport:
     timings: dict = field(default_factory=dict)
     #: A sentence when rendering could not keep up with the rate, else None.
     render_warning: str | None = None
+    #: The spool's backlog when the simulation ended (see spool.Backlog): events not yet in Kafka.
+    spool: dict | None = None
 
     def as_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -158,6 +167,9 @@ class _Options:
     poll_s: float
     stop: threading.Event | None
     on_progress: Callable[[int], None] | None
+    publisher: Publisher | None = None
+    spool: str = DEFAULT_SPOOL
+    drain_timeout_s: float | None = 120.0
 
 
 def simulate_gridscan(
@@ -178,6 +190,9 @@ def simulate_gridscan(
     poll_s: float = 0.05,
     stop: threading.Event | None = None,
     on_progress: Callable[[int], None] | None = None,
+    publisher: Publisher | None = None,
+    spool: str = DEFAULT_SPOOL,
+    drain_timeout_s: float | None = 120.0,
 ) -> SimulationReport:
     """Simulate a snaked rows x cols grid scan at ``rate_hz`` through the real producers.
 
@@ -186,6 +201,11 @@ def simulate_gridscan(
     time-based number. ``stop`` ends it early (status ``aborted``);
     ``on_progress(n)`` is called with each batch of n images announced. The report's
     ``true_centre`` is the crystal centre (row, column) in 0-based grid units.
+
+    Events go to ``publisher`` (left open for the caller to close), else through a
+    :class:`~producers.publishing.SpooledPublisher` on spool ``spool`` (None: straight to
+    Kafka, which must then be reachable), drained for up to ``drain_timeout_s`` at the end
+    (None: until drained or ``stop``); the report's ``spool`` says what is left.
     """
     if rows < 1 or cols < 1:
         raise SimulationError(f"a grid needs at least one row and one column, got {rows}x{cols}")
@@ -202,7 +222,7 @@ def simulate_gridscan(
     plan = _Plan("grid", "grid", strengths, grid=grid, crystal=crystal)
     options = _options(settings, rate_hz, detector, fmt, out_dir, seed, dcid, frames_per_file, prerender,
                        watch_grace_s, poll_s, stop, on_progress)
-    return _simulate(plan, options)
+    return _simulate(plan, replace(options, publisher=publisher, spool=spool, drain_timeout_s=drain_timeout_s))
 
 
 def simulate_rotation(
@@ -223,6 +243,9 @@ def simulate_rotation(
     poll_s: float = 0.05,
     stop: threading.Event | None = None,
     on_progress: Callable[[int], None] | None = None,
+    publisher: Publisher | None = None,
+    spool: str = DEFAULT_SPOOL,
+    drain_timeout_s: float | None = 120.0,
 ) -> SimulationReport:
     """Simulate a rotation sweep of ``images`` frames at ``rate_hz`` through the real producers.
 
@@ -238,7 +261,7 @@ def simulate_rotation(
                  oscillation=(float(oscillation_start_deg), float(oscillation_width_deg)))
     options = _options(settings, rate_hz, detector, fmt, out_dir, seed, dcid, frames_per_file, prerender,
                        watch_grace_s, poll_s, stop, on_progress)
-    return _simulate(plan, options)
+    return _simulate(plan, replace(options, publisher=publisher, spool=spool, drain_timeout_s=drain_timeout_s))
 
 
 def _options(settings, rate_hz, detector, fmt, out_dir, seed, dcid, frames_per_file, prerender, watch_grace_s,
@@ -341,7 +364,7 @@ class _Renderer(threading.Thread):
 class _Watching:
     """The file watcher in a thread, announcing what the simulated detector releases."""
 
-    def __init__(self, publisher: EventPublisher, dcid: int, template: str, images: int, options: _Options,
+    def __init__(self, publisher: Publisher, dcid: int, template: str, images: int, options: _Options,
                  on_emitted: Callable[[int], None]) -> None:
         self.stop = threading.Event()
         self.report: WatchReport | None = None
@@ -392,7 +415,7 @@ def _simulate(plan: _Plan, options: _Options) -> SimulationReport:
     renderer = _Renderer(plan, spec, options.seed, stager)
     renderer.start()  # draw while the producer connects
     started = time.monotonic()
-    publisher: EventPublisher | None = None
+    publisher: Publisher | None = options.publisher
     watching: _Watching | None = None
     announced = [0]  # images announced so far, for a CollectionEnded after a failure
     collection_open = False  # started published, ended not yet
@@ -403,7 +426,7 @@ def _simulate(plan: _Plan, options: _Options) -> SimulationReport:
             options.on_progress(n)
 
     try:
-        publisher = open_publisher(options.settings)
+        publisher = publisher or open_publisher(options.settings, spool=options.spool)
         oscillation = plan.oscillation or (0.0, 0.0)
         publish(publisher, [collection_started(
             options.dcid, file_template=stager.file_template, number_of_images=n_images,
@@ -439,12 +462,20 @@ def _simulate(plan: _Plan, options: _Options) -> SimulationReport:
         renderer.halt.set()
         renderer.join()
         stager.cleanup()
-        if publisher is not None:
-            publisher.close()
+        if publisher is not None and publisher is not options.publisher:
+            report.spool = _close(publisher, options)
     report.files = [str(path) for path in stager.final_files if path.exists()]
     report.timings["total_s"] = round(time.monotonic() - started, 3)
     _render_timings(renderer, report)
     return report
+
+
+def _close(publisher: Publisher, options: _Options) -> dict | None:
+    """Close a publisher the simulation opened: a spool is drained first (see ``drain_timeout_s``)."""
+    if not isinstance(publisher, SpooledPublisher):
+        publisher.close()
+        return None
+    return drain_spool(publisher, options.drain_timeout_s, options.stop).as_dict()
 
 
 def _release(renderer: _Renderer, options: _Options, report: SimulationReport) -> int:

@@ -3,8 +3,9 @@
 The facility's file-monitoring service, for acquisition systems that don't
 announce images themselves. It polls a :mod:`producers.scanning` scanner (what
 is readable now, no Kafka) and publishes the images found in one poll as one
-Kafka transaction of ``ImageArrived`` events, in image-number order. Images
-that never appear within the timeout are reported, and a ``CollectionEnded``
+Kafka transaction of ``ImageArrived`` events, in image-number order (through the
+durable spool of :class:`~producers.publishing.SpooledPublisher`, so an unreachable
+Kafka never stops the scanning). Images that never appear within the timeout are reported, and a ``CollectionEnded``
 event (``success`` or ``incomplete``) closes the collection when asked.
 
 Polling rather than inotify: it works the same on the network file systems
@@ -19,8 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from beamstream.producers.events import EventPublisher, collection_ended, image_arrived
-from beamstream.producers.publishing import publish
+from beamstream.producers.events import collection_ended, image_arrived
+from beamstream.producers.publishing import Publisher, publish
 from beamstream.producers.scanning import Scanner, format_ranges, make_scanner
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class WatchReport:
 
 
 def watch(
-    publisher: EventPublisher,
+    publisher: Publisher,
     dcid: int,
     template: str,
     images: int,
@@ -83,16 +84,21 @@ def watch(
     ``template`` is a CBF ``#`` template or an EIGER/NeXus master file (see
     :func:`producers.scanning.make_scanner`). The watch ends when every image
     was announced, when no new image appeared for ``timeout_s`` seconds (None:
-    never), or when ``stop`` is set. With ``end``, a ``CollectionEnded`` event
-    follows. ``on_emitted(n)`` is called after each published batch of n images.
-    Raises :class:`~producers.scanning.TemplateError` for a bad template and
-    :class:`~producers.publishing.ProducerError` when Kafka fails.
+    never; with a :class:`~producers.publishing.SpooledPublisher` only seconds in which
+    Kafka was reachable and the spool draining count), or when ``stop`` is set.
+    With ``end``, a ``CollectionEnded`` event follows. ``on_emitted(n)`` is called
+    after each published batch of n images. Raises :class:`~producers.scanning.TemplateError`
+    for a bad template and :class:`~producers.publishing.ProducerError` when publishing fails.
     """
     if poll_s <= 0:
         raise ValueError(f"poll interval must be positive, got {poll_s}")
     scanner = scanner or make_scanner(template, images, start)
     report = WatchReport(dcid=dcid, template=template, expected=images)
-    started = last_new = time.monotonic()
+    # A spooled publisher says whether Kafka is reachable; the "no new image" clock runs only while it is,
+    # so an outage never turns into missing images. Scanning and spooling go on regardless.
+    can_publish = getattr(publisher, "can_publish", None)
+    started = last_tick = time.monotonic()
+    waited = 0.0  # seconds without a new image, counted while events could be published
     while True:
         poll_started = time.monotonic()
         found = scanner.scan()
@@ -101,16 +107,20 @@ def watch(
                                     processing_job_id=processing_job_id) for ref in found]
             publish(publisher, events)  # one transaction per poll: consumers never see half a batch
             report.emitted += len(found)
-            last_new = time.monotonic()
+            waited = 0.0
             log.debug("dcid %s: announced images %s", dcid, format_ranges([ref.image_number for ref in found]))
             if on_emitted is not None:
                 on_emitted(len(found))
+        now = time.monotonic()
+        if not found and (can_publish is None or can_publish()):
+            waited += now - last_tick
+        last_tick = now
         if report.emitted >= images:
             break
         if stop is not None and stop.is_set():
             report.stopped = True
             break
-        if timeout_s is not None and time.monotonic() - last_new > timeout_s:
+        if timeout_s is not None and waited > timeout_s:
             report.timed_out = True
             break
         # Sleep what is left of the poll interval, so slow publishes don't stretch the cadence.

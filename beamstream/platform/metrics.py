@@ -51,6 +51,8 @@ ANALYSIS_TIME = Histogram("beamstream_worker_analysis_seconds", "Spot finding an
                           buckets=_ANALYSIS_BUCKETS)
 DEAD_LETTERS = Counter("beamstream_worker_dead_letters", "Events sent to the dead-letter topic", ["error_type"])
 SUMMARIES = Counter("beamstream_worker_summaries", "Collection summaries published")
+DUPLICATE_IMAGES = Counter("beamstream_worker_duplicate_images",
+                           "Image events skipped: their image was already answered for the same collection and job")
 
 # -- dashboard side (the pipeline as seen on the topics) ----------------------------------
 TOPIC_EVENTS = Counter("beamstream_topic_events", "Committed events read by the dashboard", ["topic", "record_type"])
@@ -64,6 +66,24 @@ LOG_RECORDS_DROPPED = Counter("beamstream_log_records_dropped",
                               "Log records not shipped to the log topic (queue full, Kafka unreachable)", ["reason"],
                               registry=REGISTRY)
 
+
+# -- producers with a spool (watch, simulate, the acquisition-system API): what Kafka does not have yet --------
+SPOOL_EVENTS = Gauge("beamstream_producer_spool_events", "Events in the local spool, not yet committed to Kafka",
+                     ["spool"], registry=REGISTRY)
+SPOOL_BATCHES = Gauge("beamstream_producer_spool_batches", "Batches (one transaction each) in the local spool",
+                      ["spool"], registry=REGISTRY)
+SPOOL_OLDEST_AGE = Gauge("beamstream_producer_spool_oldest_age_seconds",
+                         "Age of the oldest batch in the local spool (0 when empty)", ["spool"], registry=REGISTRY)
+PRODUCER_CONNECTED = Gauge("beamstream_producer_kafka_connected", "1 while the spool's publisher reaches Kafka",
+                           ["spool"], registry=REGISTRY)
+
+
+def spool_backlog(spool: str, batches: int, events: int, oldest_age_s: float | None, connected: bool) -> None:
+    """A spool's backlog now, and whether its publisher reaches Kafka."""
+    SPOOL_EVENTS.labels(spool=spool).set(events)
+    SPOOL_BATCHES.labels(spool=spool).set(batches)
+    SPOOL_OLDEST_AGE.labels(spool=spool).set(oldest_age_s or 0.0)
+    PRODUCER_CONNECTED.labels(spool=spool).set(1 if connected else 0)
 
 def _service_registry() -> CollectorRegistry:
     """A registry for one service: its own metrics, the process's (CPU, memory, GC) and the log shipper's."""
@@ -172,6 +192,11 @@ def dead_lettered(error_type: str) -> None:
 def summary_published() -> None:
     """One collection summary published."""
     SUMMARIES.inc()
+
+
+def duplicate_image() -> None:
+    """One image event skipped as a copy of one already answered."""
+    DUPLICATE_IMAGES.inc()
 
 
 def _seconds(latency_s: float) -> float:

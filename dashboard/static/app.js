@@ -205,6 +205,19 @@ function drawPipeline(p) {
   }
   document.getElementById("monitor-events").replaceChildren(...p.monitor_events.slice(0, 10).map((e) =>
     el("li", { class: `monitor-${e.kind}`, "data-code": e.code }, `${fmtTime(e.event_time)} ${e.code}: ${e.message}`)));
+  drawSpools(p.spools || []);
+}
+
+// Events a producer on this host spooled while Kafka was unreachable, not yet published.
+function drawSpools(spools) {
+  if (!spools.length) return;
+  document.getElementById("spool-rows").replaceChildren(...spools.map((s) => {
+    const tr = el("tr", { "data-spool": s.name, "data-events": s.events });
+    tr.append(el("td", {}, s.name), el("td", { class: s.events ? "idle-group" : "" }, s.events), el("td", {}, s.batches),
+              el("td", {}, s.oldest_age_s === null ? "-" : `${Math.round(s.oldest_age_s)} s`),
+              el("td", {}, s.holder_pid === null ? "nobody" : `pid ${s.holder_pid}`));
+    return tr;
+  }));
 }
 
 // -- actions ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 from tqdm import tqdm
 
 from beamstream.cli.commands.output import add_json_flag, print_json
+from beamstream.cli.commands.spool import EXIT_SPOOLED, SpoolStatus, add_spool_options, finish_spool, open_spooled
 from beamstream.cli.params import dcid, detector_name, non_negative_float, positive_float, positive_int
 from beamstream.cli.service import run_stoppable
 from beamstream.platform.settings import load_settings
@@ -30,6 +31,7 @@ def _common(parser: argparse.ArgumentParser, frames_per_file: int) -> None:
     parser.add_argument("--prerender", action="store_true",
                         help="draw every frame before the clock starts, so files appear exactly at --rate "
                         "even when drawing is slower")
+    add_spool_options(parser, "simulate")
     add_json_flag(parser)
 
 
@@ -40,7 +42,11 @@ def register(subparsers) -> None:
         help="simulate a grid scan or rotation through the real producers",
         description="Announce a collection, write synthetic frames at detector rate (drawn ahead, then moved "
         "into place so files appear complete), let the file watcher announce each image, then end the "
-        "collection. Stop with SIGINT/SIGTERM: the collection ends as aborted.",
+        "collection. Events go through a local spool, so the simulation runs on while Kafka is unreachable; "
+        "at the end it waits up to --drain-timeout for Kafka to take them. Stop with SIGINT/SIGTERM: the "
+        "collection ends as aborted.",
+        epilog=f"Exit status: 0 success, 3 images never announced or aborted, {EXIT_SPOOLED} events left in the "
+        "spool, 128+N stopped by signal N, 2 on errors.",
     )
     kinds = parser.add_subparsers(dest="kind", metavar="KIND")
     kinds.required = True
@@ -60,30 +66,42 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the simulation; print where the files went, the dcid and the outcome."""
-    from beamstream.producers.simulator import simulate_gridscan, simulate_rotation
+    """Run the simulation; wait for the spool; print where the files went, the dcid and the outcome."""
+    from beamstream.producers.simulator import DEFAULT_SPOOL, simulate_gridscan, simulate_rotation
 
     settings = load_settings()
     total = args.rows * args.cols if args.kind == "gridscan" else args.images
+    publisher = open_spooled(settings, args.spool or DEFAULT_SPOOL, args.metrics_port)
     bar = tqdm(total=total, unit="img", desc="announced", file=sys.stderr, disable=None)
+    status = SpoolStatus(bar, publisher)
     common = dict(detector=args.detector, fmt=args.format, out_dir=args.out, seed=args.seed, dcid=args.dcid,
-                  frames_per_file=args.frames_per_file, prerender=args.prerender, on_progress=bar.update)
-    try:
-        if args.kind == "gridscan":
-            report, signum = run_stoppable(lambda stop: simulate_gridscan(
-                settings, args.rows, args.cols, args.rate, step_um=args.step, stop=stop, **common))
-        else:
-            report, signum = run_stoppable(lambda stop: simulate_rotation(
-                settings, args.images, args.rate, oscillation_start_deg=args.start_angle,
-                oscillation_width_deg=args.width, stop=stop, **common))
-    finally:
-        bar.close()
+                  frames_per_file=args.frames_per_file, prerender=args.prerender, on_progress=bar.update,
+                  publisher=publisher)
+
+    def work(stop):
+        try:
+            if args.kind == "gridscan":
+                report = simulate_gridscan(settings, args.rows, args.cols, args.rate, step_um=args.step, stop=stop,
+                                           **common)
+            else:
+                report = simulate_rotation(settings, args.images, args.rate, oscillation_start_deg=args.start_angle,
+                                           oscillation_width_deg=args.width, stop=stop, **common)
+        finally:
+            status.close()
+            bar.close()
+            left = finish_spool(publisher, args.drain_timeout, stop)
+        report.spool = left.as_dict()
+        return report
+
+    report, signum = run_stoppable(work)
     if args.json:
         print_json(report.as_dict())
     else:
         _print_report(report)
     if signum is not None:
         return 128 + signum
+    if report.spool["batches"]:
+        return EXIT_SPOOLED
     return 0 if report.status == "success" else 3
 
 
