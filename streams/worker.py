@@ -2,7 +2,8 @@
 own consumer group and transactional producer (:class:`beamstream.engine.stage.Stage`), and the
 worker's heartbeats on the main thread.
 
-* analysis (:mod:`beamstream.streams.analysis_stage`): images -> results;
+* analysis (:mod:`beamstream.streams.analysis_stage`): images -> results, each image answered once
+  (:mod:`beamstream.streams.answered_images`);
 * collect (:mod:`beamstream.streams.collect_stage`): results + collections + samples -> tables,
   progress, summaries, data-reduction requests, 3D centres.
 
@@ -28,6 +29,7 @@ from beamstream.platform.topics import group_name, topic_name
 from beamstream.schemas.serde import make_serde
 from beamstream.streams.analysers import Analyser, noop_analysis
 from beamstream.streams.analysis_stage import AnalysisProcessor, RetryPolicy
+from beamstream.streams.answered_images import DEFAULT_RETENTION_S
 from beamstream.streams.collect_stage import CollectProcessor
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class WorkerOptions:
     heartbeat_interval_s: float = 5.0
     exactly_once: bool = True  # off only to measure what the guarantee costs
     stall_limit_s: float = 60.0  # a commit blocked this long makes the worker exit for a restart
+    answered_retention_s: float = DEFAULT_RETENTION_S  # how long a collection's answered images are remembered
 
 
 def worker_identity() -> str:
@@ -67,7 +70,8 @@ class Worker:
         self.started_at = datetime.now(UTC)
         self._heartbeat_producer = None
         self.analysis = AnalysisProcessor(settings, self.serde, analyser, self.worker_id,
-                                          RetryPolicy(self.options.retry_attempts, self.options.retry_backoff_s))
+                                          RetryPolicy(self.options.retry_attempts, self.options.retry_backoff_s),
+                                          self.options.answered_retention_s)
         self.collect = CollectProcessor(settings, self.serde, self.options.summary_timeout_s)
         common = {"exactly_once": self.options.exactly_once, "commit_interval_s": self.options.commit_interval_s,
                   "stall_limit_s": self.options.stall_limit_s, "last_words": self._last_words,
@@ -87,7 +91,8 @@ class Worker:
         """What the worker has done, as its heartbeats report it."""
         return {"images": float(self.analysis.images_analysed),
                 "dead_letters": float(self.analysis.dead_lettered + self.collect.dead_lettered),
-                "summaries": float(self.collect.summaries_published)}
+                "summaries": float(self.collect.summaries_published),
+                "duplicates": float(self.analysis.duplicates_skipped)}
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> Worker:
