@@ -116,6 +116,17 @@ def iso_time(text: str) -> datetime:
     return value if value.tzinfo is not None else value.astimezone()
 
 
+def dead_letter_id(text: str) -> str:
+    """A dead letter's ``PARTITION:OFFSET`` in the dead-letter topic (``0:17``), normalised."""
+    # The store's own parser, so the form accepted here is the one it looks up.
+    from beamstream.engine.dead_letter_store import DeadLetterError, normal_id
+
+    try:
+        return normal_id(text)
+    except DeadLetterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def detector_name(text: str) -> str:
     """A simulated detector preset, as ``eiger2-4m`` or ``eiger2_4m``; returns its key."""
     # Imported here: the simulator pulls in the image writers, which only `simulate` needs.

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from beamstream.cli.params import port_number
 from beamstream.platform import metrics
+from beamstream.platform.kafka_clients import require_kafka
 from beamstream.platform.logs import configure_json_logging
 from beamstream.platform.settings import Settings
 
@@ -32,15 +33,20 @@ def add_service_options(parser: argparse.ArgumentParser, log_level_default: str 
                         f"${metrics.METRICS_PORT_ENV}, else off)")
 
 
-def start_service_logging_and_metrics(args: argparse.Namespace, service: str, settings: Settings,
-                                      registry: CollectorRegistry = metrics.REGISTRY) -> None:
-    """JSON log lines tagged ``service`` at ``--log-level``, and ``/metrics`` from ``registry`` when a port is set.
+def start_service(args: argparse.Namespace, service: str, settings: Settings,
+                  registry: CollectorRegistry = metrics.REGISTRY) -> None:
+    """Check the service's options and the cluster, then start its JSON logs and ``/metrics``.
 
-    ``args`` comes from a parser given :func:`add_service_options`. The port
-    (``--metrics-port``, else ``BEAMSTREAM_METRICS_PORT``) is checked before
-    anything starts, so a bad one is a one-line error from a service that did nothing.
+    ``args`` comes from a parser given :func:`add_service_options`. In order: the metrics port
+    (``--metrics-port``, else ``BEAMSTREAM_METRICS_PORT``) is checked, Kafka must answer
+    (:func:`require_kafka`: one line and exit 2 within seconds when it does not; a supervisor
+    restarts the service, and once running a service rides out outages by retrying), then log lines
+    go out as JSON tagged ``service`` at ``--log-level`` and ``/metrics`` serves ``registry`` when a
+    port is set. So a bad option or an unreachable cluster is a one-line error from a service that did
+    nothing.
     """
     port = metrics.metrics_port(args.metrics_port)
+    require_kafka(settings)
     configure_json_logging(service, getattr(logging, args.log_level.upper()), settings=settings)
     if port is not None:
         metrics.serve(port, registry=registry)  # a daemon thread; it goes with the process

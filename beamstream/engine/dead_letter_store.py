@@ -139,7 +139,7 @@ class DeadLetterScan:
     def find(self, ids: Iterable[str]) -> list[DeadLetterEntry]:
         """The entries named ``partition:offset``; one error naming every id that is not there."""
         by_id = {e.id: e for e in self.entries}
-        wanted = [_normal_id(i) for i in ids]
+        wanted = [normal_id(i) for i in ids]
         unknown = [i for i in wanted if i not in by_id]
         if unknown:
             held = ", ".join(f"[{p}] {lo}..{hi - 1}" if hi > lo else f"[{p}] none"
@@ -353,7 +353,8 @@ def jsonable(value):
     return value
 
 
-def _normal_id(text: str) -> str:
+def normal_id(text: str) -> str:
+    """A dead letter's id as ``partition:offset`` (``" 0:007"`` is ``0:7``); a one-line error for anything else."""
     match = _ID.match(text.strip())
     if not match:
         raise DeadLetterError(f"bad dead-letter id {text!r}: expected PARTITION:OFFSET, e.g. 0:17")

@@ -82,6 +82,14 @@ FETCH_BATCH = 2000
 STALLED_EXIT_CODE = 75
 
 
+def _hint(error: KafkaError) -> str:
+    """What to check after a failed start: the cluster's state, unless the broker refused us by name."""
+    refused = {KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+               KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+               KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED}
+    return " (check the Kafka user's ACLs and credentials)" if error.code() in refused else " (is the cluster up?)"
+
+
 class StageError(BeamstreamError):
     """A stage cannot run (Kafka unreachable at start-up)."""
 
@@ -240,7 +248,7 @@ class Stage:
         except KafkaException as exc:
             self.consumer.close()
             raise StageError(f"{self.name}: cannot start a transactional producer on Kafka at "
-                             f"{self.settings.kafka_bootstrap}: {exc.args[0].str()} (is the cluster up?)") from None
+                             f"{self.settings.kafka_bootstrap}: {exc.args[0].str()}{_hint(exc.args[0])}") from None
         if self.exactly_once and self.stall_limit_s is not None:
             threading.Thread(target=self._watch_for_stalls, name=f"{self.name}-stall-watch", daemon=True).start()
 

@@ -144,16 +144,19 @@ def service_acls(prefix: str, user: str = LOCAL_SERVICE_USER) -> list:
     return bindings
 
 
-def grant_service_user(admin, settings: Settings, password: str, timeout: float = 30.0) -> None:
-    """Create (or update) the service user's SCRAM credential and its ACLs; both calls are idempotent."""
+def grant_service_user(admin, settings: Settings, password: str, timeout: float = 30.0,
+                       user: str = LOCAL_SERVICE_USER) -> None:
+    """Create (or update) a service user's SCRAM credential and its ACLs (:func:`service_acls`); both calls
+    are idempotent. ``user`` is the ``beamstream`` service user unless another is named (a second
+    deployment's, a test's)."""
     from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 
     upsert = UserScramCredentialUpsertion(
-        LOCAL_SERVICE_USER, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS), password.encode())
+        user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS), password.encode())
     try:
         for future in admin.alter_user_scram_credentials([upsert], request_timeout=timeout).values():
             future.result()
-        for future in admin.create_acls(service_acls(settings.topic_prefix), request_timeout=timeout).values():
+        for future in admin.create_acls(service_acls(settings.topic_prefix, user), request_timeout=timeout).values():
             future.result()
     except Exception as exc:  # KafkaException: say which step, never the password
-        raise SecurityError(f"granting the {LOCAL_SERVICE_USER!r} user its credential and ACLs failed: {exc}") from None
+        raise SecurityError(f"granting the {user!r} user its credential and ACLs failed: {exc}") from None

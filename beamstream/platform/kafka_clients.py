@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
+from concurrent.futures import Future
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
+from beamstream.errors import BeamstreamError
 from beamstream.platform.settings import Settings
 
 
@@ -78,25 +82,93 @@ def make_admin(settings: Settings, **extra: Any) -> AdminClient:
     return AdminClient({**settings.kafka_client_config(), "logger": _librdkafka_logger(), **extra})
 
 
+#: How long a command waits for the cluster to answer before saying it cannot be reached. A refused
+#: connection or an unknown host is known at once; this bounds a host that never answers.
+PROBE_TIMEOUT_S = 8.0
+
+
+class KafkaUnreachable(BeamstreamError):
+    """The cluster cannot be reached, or refused to let this client log in; the text is one line."""
+
+
+def require_kafka(settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Return once the cluster answers; else raise :class:`KafkaUnreachable` within about ``timeout_s``.
+
+    Every command that talks to Kafka calls this after checking its arguments and before anything
+    else connects: librdkafka clients retry an unreachable cluster until their own request times out
+    (30 s and more) and narrate each attempt, where a person needs one line naming the bootstrap
+    servers and what to do. A refused connection, an unknown host or a refused login is reported
+    as soon as librdkafka reports it.
+    """
+    problem = _probe(settings, timeout_s)
+    if problem is not None:
+        raise KafkaUnreachable(problem)
+
+
 def connection_problem(settings: Settings, exc: Exception) -> str:
     """Why a request to the cluster failed, in words: a SASL login refused says so.
 
     librdkafka reports a refused login only through its error callback; the failed request
-    itself just says "transport failure", so with SASL a short probe asks again and listens.
+    itself just says "transport failure", so a short probe asks again and listens.
     """
     text = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
     if not settings.security_protocol.startswith("SASL"):
         return text
-    from confluent_kafka import KafkaError, KafkaException
+    problem = _probe(settings, 5.0)
+    return problem if problem is not None and "authentication failed" in problem else text
 
-    errors: list = []
-    probe = AdminClient({**settings.kafka_client_config(), "error_cb": errors.append, "log_level": 0})
-    try:
-        probe.list_topics(timeout=5)
-    except KafkaException:
-        probe.poll(0.5)  # serves the error callbacks
+
+def _probe(settings: Settings, timeout_s: float) -> str | None:
+    """None when the cluster answers a request within ``timeout_s``, else what went wrong, in one line."""
+    from confluent_kafka import KafkaError
+
+    errors: list[KafkaError] = []
+    # log_level 0: the probe's findings are its return value; nothing goes to stderr or the logs.
+    admin = AdminClient({**settings.kafka_client_config(), "error_cb": errors.append, "log_level": 0,
+                         "socket.connection.setup.timeout.ms": int(timeout_s * 1000)})
+    # Any answer will do, even a refusal (a user without the cluster Describe right): the cluster is there.
+    answer = admin.describe_cluster(request_timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    final = (KafkaError._ALL_BROKERS_DOWN, KafkaError._AUTHENTICATION)
+    while not answer.done() and time.monotonic() < deadline:
+        admin.poll(0.05)  # serves the error callback
+        if any(error.code() in final for error in errors):
+            break
     for error in errors:
         if error.code() == KafkaError._AUTHENTICATION:
-            return (f"authentication failed as {settings.sasl_username!r} ({settings.sasl_mechanism}); "
-                    f"check BEAMSTREAM_SASL_USERNAME and the password: {error.str()}")
-    return text
+            return (f"authentication failed as {settings.sasl_username!r} ({settings.sasl_mechanism}) at "
+                    f"{settings.kafka_bootstrap}; check BEAMSTREAM_SASL_USERNAME and the password: "
+                    f"{_reason(error.str())}")
+    if answer.done() and _answered(answer):
+        return None
+    reasons = list(dict.fromkeys(_reason(e.str()) for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN))
+    why = "; ".join(reasons[:2]) or f"no answer within {timeout_s:g} s"
+    if settings.uses_local_cluster:
+        advice = "start the local cluster with `beamstream cluster up`, or set BEAMSTREAM_BOOTSTRAP_SERVERS"
+    else:
+        advice = "check that the cluster is up and that BEAMSTREAM_BOOTSTRAP_SERVERS names it"
+    return f"cannot reach Kafka at {settings.kafka_bootstrap} ({why}); {advice}"
+
+
+def _answered(answer: Future) -> bool:
+    """Whether a finished request got an answer from the cluster (a refusal counts; a timeout does not)."""
+    from confluent_kafka import KafkaError
+
+    error = answer.exception()
+    if error is None:
+        return True
+    code = error.args[0].code() if error.args and hasattr(error.args[0], "code") else None
+    return code not in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+                        KafkaError._AUTHENTICATION, KafkaError._RESOLVE)
+
+
+def _reason(text: str) -> str:
+    """librdkafka's error text without the broker name in front and the state timing behind.
+
+    ``127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused (after 0ms in
+    state CONNECT)`` becomes ``Connect to ipv4#127.0.0.1:1 failed: Connection refused``.
+    """
+    head, sep, rest = text.partition(": ")
+    if sep and "/" in head and " " not in head:
+        text = rest
+    return re.sub(r"\s*\(after \d+ms in state \w+[^)]*\)$", "", text).strip()

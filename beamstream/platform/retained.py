@@ -61,6 +61,10 @@ def partitions_of(consumer: Consumer, topic: str, timeout: float = 30.0) -> list
         metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
     except KafkaException as exc:
         raise RetainedError(f"cannot read the metadata of {topic}: {exc.args[0].str()}") from None
+    if metadata is not None and metadata.error is not None and metadata.error.code() == \
+            KafkaError.TOPIC_AUTHORIZATION_FAILED:  # what the broker says whether the topic exists or not
+        raise RetainedError(f"not authorized to read topic {topic}: {metadata.error.str()} "
+                            "(the Kafka user needs an ACL for it)")
     if metadata is None or metadata.error is not None or not metadata.partitions:
         raise RetainedError(f"topic {topic} does not exist on the cluster (run `beamstream topics apply`)")
     return sorted(metadata.partitions)
@@ -173,9 +177,10 @@ def header_count(headers: Sequence[tuple[str, bytes | None]] | None, name: str) 
     """A counter header (``beamstream-reinjected``, ``beamstream-replayed``) as an int; 0 when absent or junk."""
     value = header_value(headers, name)
     try:
-        return int(value) if value else 0
+        count = int(value) if value else 0
     except ValueError:
         return 0
+    return count if 0 <= count < 2**31 - 1 else 0  # the records' counters are Avro ints, and one is added
 
 
 def with_header(headers: Sequence[tuple[str, bytes | None]] | None, name: str, value: bytes) -> Headers:

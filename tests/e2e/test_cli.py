@@ -63,17 +63,3 @@ def test_topics_list_json_against_the_broker(kafka_settings):
     rows = json.loads(beamstream("topics", "list", "--json", env=env).stdout)
     assert {r["topic"] for r in rows} >= {f"{kafka_settings.topic_prefix}images"}
     assert all(r["partitions"] == r["declared_partitions"] for r in rows)
-
-
-def test_commands_say_in_one_line_that_kafka_cannot_be_reached(tmp_path):
-    # A closed port: librdkafka retries the connection for the commands' 30 s metadata timeout,
-    # narrating each attempt; the person at the terminal gets one line.
-    env = {**os.environ, "BEAMSTREAM_BOOTSTRAP_SERVERS": "127.0.0.1:9", "BEAMSTREAM_HOME": str(tmp_path)}
-    commands = [("dlq", "list"), ("replay", "--topic", "images", "--from-offset", "0", "--dry-run")]
-    running = [subprocess.Popen([sys.executable, "-m", "beamstream", *command], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for command in commands]
-    for command, process in zip(commands, running, strict=True):
-        stdout, stderr = process.communicate(timeout=120)
-        assert process.returncode == 2, (command, stderr[-500:])
-        assert stderr.count("\n") == 1 and "Traceback" not in stderr, (command, stderr[-500:])
-        assert f"beamstream {command[0]}: error:" in stderr and "Broker transport failure" in stderr

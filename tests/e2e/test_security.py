@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from beamstream.operations import local_security
 from beamstream.operations.cluster import LocalCluster
-from beamstream.platform.kafka_clients import make_consumer, make_producer
+from beamstream.platform.kafka_clients import KafkaUnreachable, make_consumer, make_producer, require_kafka
 from beamstream.platform.settings import Settings, load_settings
 from tests.helpers.harness import free_port_pair
 
@@ -98,14 +101,165 @@ def test_wrong_password_is_refused_with_an_authentication_error(scram_cluster) -
     assert any("authentication" in error.str().lower() for error in errors), [e.str() for e in errors]
 
 
-def test_cli_names_the_failed_login(scram_cluster) -> None:
-    _, _, env = scram_cluster
-    done = subprocess.run([sys.executable, "-m", "beamstream", "topics", "list"],
-                          env={**env, "BEAMSTREAM_SASL_PASSWORD": "not-the-password"},
+def _beamstream(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "beamstream", *args], env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert "authentication failed as 'beamstream'" in done.stderr
-    assert "not-the-password" not in done.stderr
+
+
+#: The broker's words for a refused SCRAM login, as librdkafka passes them on.
+REFUSED_LOGIN = ("SASL authentication error: Authentication failed during authentication due to invalid "
+                 "credentials with SASL mechanism SCRAM-SHA-512")
+
+
+@pytest.mark.parametrize("args", [("topics", "list"), ("dlq", "list"),
+                                  ("replay", "--topic", "images", "--from-offset", "0", "--dry-run"),
+                                  ("archiver",)], ids=lambda args: args[0])
+def test_cli_names_the_failed_login(scram_cluster, args) -> None:
+    """A wrong password: one line naming the user and the mechanism, exit 2, at once (not after 30 s)."""
+    _, _, env = scram_cluster
+    started = time.monotonic()
+    done = _beamstream({**env, "BEAMSTREAM_SASL_PASSWORD": "not-the-password"}, *args)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert done.stderr.startswith(f"beamstream {args[0]}: error: authentication failed as 'beamstream' "
+                                  "(SCRAM-SHA-512) at "), done.stderr
+    assert done.stderr.strip().endswith(REFUSED_LOGIN), done.stderr
+    assert "not-the-password" not in done.stdout + done.stderr
+    assert time.monotonic() - started < 20  # a behaviour bound: the probe hears the refusal at once
+
+
+def test_an_unknown_user_is_refused_by_name(scram_cluster) -> None:
+    settings, _, _ = scram_cluster
+    stranger = replace(settings, sasl_username="nobody", sasl_password="whatever")
+    with pytest.raises(KafkaUnreachable) as refused:
+        require_kafka(stranger)
+    assert str(refused.value).startswith("authentication failed as 'nobody' (SCRAM-SHA-512) at ")
+    assert str(refused.value).endswith(REFUSED_LOGIN)
+    require_kafka(settings)  # the service user's own login passes
+
+
+def test_a_topic_outside_the_acls_is_named_as_not_authorized(scram_cluster) -> None:
+    """The service user in a deployment of another prefix: the topic it may not read or create is named."""
+    _, _, env = scram_cluster
+    elsewhere = {**env, "BEAMSTREAM_TOPIC_PREFIX": "other."}
+    listed = _beamstream(elsewhere, "dlq", "list")
+    assert listed.returncode == 2 and listed.stderr.count("\n") == 1, listed.stderr[-2000:]
+    assert listed.stderr.strip() == ("beamstream dlq: error: not authorized to read topic other.deadletter: "
+                                     "Broker: Topic authorization failed (the Kafka user needs an ACL for it)")
+    applied = _beamstream(elsewhere, "topics", "apply")
+    assert applied.returncode == 2 and applied.stderr.count("\n") == 1, applied.stderr[-2000:]
+    assert re.fullmatch(r"beamstream topics: error: creating topic other\.\w+ failed: Authorization failed\.\n",
+                        applied.stderr), applied.stderr
+
+
+# -- ACLs on consumer groups and transactional ids, with a second user ----------------------------------
+
+
+@pytest.fixture
+def topic_only_user(scram_cluster) -> Iterator[tuple[Settings, str]]:
+    """(settings, topic): settings of a new user allowed every topic under the prefix and idempotent writes,
+    but no consumer group and no transactional id; the topic, under the prefix, holds one record."""
+    from confluent_kafka.admin import (
+        AclBinding,
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+        ScramCredentialInfo,
+        ScramMechanism,
+        UserScramCredentialUpsertion,
+    )
+
+    settings, cluster, _ = scram_cluster
+    user, password = f"limited-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin = AdminClient(cluster.admin_config())
+    credential = UserScramCredentialUpsertion(
+        user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, local_security.SCRAM_ITERATIONS), password.encode())
+    for future in admin.alter_user_scram_credentials([credential]).values():
+        future.result(30)
+    allow, principal = AclPermissionType.ALLOW, f"User:{user}"
+    acls = [AclBinding(ResourceType.TOPIC, PREFIX, ResourcePatternType.PREFIXED, principal, "*",
+                       AclOperation.ALL, allow),
+            AclBinding(ResourceType.BROKER, "kafka-cluster", ResourcePatternType.LITERAL, principal, "*",
+                       AclOperation.IDEMPOTENT_WRITE, allow)]
+    for future in admin.create_acls(acls).values():
+        future.result(30)
+    topic = f"{PREFIX}acl-{uuid.uuid4().hex[:8]}"
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    producer = make_producer(settings)
+    producer.produce(topic, key=b"k", value=b"for the group")
+    assert producer.flush(30) == 0
+    yield replace(settings, sasl_username=user, sasl_password=password), topic
+    admin.delete_topics([topic])
+
+
+def _first_message(settings: Settings, group: str, topic: str):
+    """The first message (or error) a consumer in ``group`` gets from ``topic`` within 30 s."""
+    consumer = make_consumer(settings, group)
+    consumer.subscribe([topic])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None:
+                if message.error() is None:
+                    consumer.commit(message, asynchronous=False)
+                return message
+        return None
+    finally:
+        consumer.close()
+
+
+def test_without_a_group_acl_a_user_cannot_consume_in_the_group(topic_only_user) -> None:
+    limited, topic = topic_only_user
+    message = _first_message(limited, f"{PREFIX}reader", topic)
+    assert message is not None and message.error() is not None, "consumed without a group ACL"
+    assert message.error().code() == KafkaError.GROUP_AUTHORIZATION_FAILED
+    assert "Group authorization failed" in message.error().str()
+
+
+def test_without_a_transactional_id_acl_a_user_cannot_start_transactions(topic_only_user) -> None:
+    with pytest.raises(KafkaException) as refused:
+        make_producer(topic_only_user[0], transactional_id=f"{PREFIX}limited-tx")
+    assert refused.value.args[0].code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+    assert "Transactional Id authorization failed" in refused.value.args[0].str()
+
+
+def test_services_name_the_missing_acl(scram_cluster, topic_only_user) -> None:
+    """`replay` reads through a consumer group, the archiver writes in transactions: each says which ACL."""
+    from beamstream.platform.topics import apply_topics
+
+    settings, _, env = scram_cluster
+    limited, _ = topic_only_user
+    apply_topics(settings)
+    producer = make_producer(settings)
+    producer.produce(f"{PREFIX}images", key=b"1:1", value=b"an event to replay")
+    assert producer.flush(30) == 0
+    as_user = {**env, "BEAMSTREAM_SASL_USERNAME": limited.sasl_username,
+               "BEAMSTREAM_SASL_PASSWORD": limited.sasl_password}
+    replayed = _beamstream(as_user, "replay", "--topic", "images", "--from-offset", "0", "--dry-run")
+    assert replayed.returncode == 2 and replayed.stderr.count("\n") == 1, replayed.stderr[-2000:]
+    assert "Group authorization failed" in replayed.stderr
+    archiver = _beamstream(as_user, "archiver", "--log-level", "warning")
+    assert archiver.returncode == 2, archiver.stderr[-2000:]
+    assert archiver.stderr.strip().splitlines()[-1].startswith("beamstream archiver: error: archiver: cannot start "
+                                                              "a transactional producer")
+    assert "Transactional Id authorization failed" in archiver.stderr
+
+
+def test_the_deployment_prefix_acls_let_a_user_consume_and_transact(scram_cluster, topic_only_user) -> None:
+    settings, cluster, _ = scram_cluster
+    limited, topic = topic_only_user
+    admin = AdminClient(cluster.admin_config())
+    local_security.grant_service_user(admin, settings, limited.sasl_password, user=limited.sasl_username)
+
+    message = _first_message(limited, f"{PREFIX}reader", topic)
+    assert message is not None and message.error() is None, message and message.error()
+    assert message.value() == b"for the group"
+    producer = make_producer(limited, transactional_id=f"{PREFIX}granted-tx")
+    producer.begin_transaction()
+    producer.produce(topic, value=b"in a transaction")
+    producer.commit_transaction(30)
 
 
 def test_service_user_produces_and_consumes_on_its_topics(scram_cluster) -> None:

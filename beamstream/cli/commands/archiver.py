@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
+from beamstream.cli.service import add_service_options, run_stoppable, start_service
 from beamstream.platform import metrics
 from beamstream.platform.settings import load_settings
 
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from beamstream.connectors.archiver import Archiver
 
     settings = load_settings()
-    start_service_logging_and_metrics(args, "archiver", settings, metrics.ARCHIVER_REGISTRY)
+    start_service(args, "archiver", settings, metrics.ARCHIVER_REGISTRY)
     archiver = Archiver(settings)
     # A signal sets the archiver's own event: it also interrupts a manifest's hashing in progress.
     run_stoppable(lambda _stop: archiver.run(), stop=archiver.stop_event)

@@ -7,6 +7,7 @@ import threading
 
 from beamstream.cli.params import port_or_zero
 from beamstream.cli.service import run_stoppable
+from beamstream.platform.kafka_clients import require_kafka
 from beamstream.platform.logs import configure_json_logging
 from beamstream.platform.settings import load_settings
 
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         mode = "actions enabled" if staff_tokens(settings) else "read-only (no staff token configured)"
     except AuthError as exc:
         raise BeamstreamError(f"BEAMSTREAM_DASHBOARD_TOKEN_FILE: {exc.reason}") from None
+    # At start-up only: once serving, the page shows what it has and its feed keeps retrying.
+    require_kafka(settings)
     # No --log-level or --metrics-port here: the dashboard serves /metrics on its own port, and
     # BEAMSTREAM_METRICS_PORT (set for a deployment's services) must not open a second one.
     configure_json_logging("dashboard", settings=settings)

@@ -16,9 +16,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from beamstream.cli.heatmap import render_heat_map
-from beamstream.cli.params import port_or_zero, positive_float, positive_int
+from beamstream.cli.params import detector_name, port_or_zero, positive_float, positive_int
 from beamstream.errors import BeamstreamError
 from beamstream.operations.cluster import LocalCluster
+from beamstream.platform.kafka_clients import require_kafka
 from beamstream.platform.processes import ServiceProcess
 from beamstream.platform.settings import Settings, load_settings
 from beamstream.platform.topic_reader import TopicReader
@@ -39,7 +40,8 @@ def register(subparsers) -> None:
     parser.add_argument("--cols", type=positive_int, default=10, help="grid columns (default 10)")
     parser.add_argument("--rate", type=positive_float, default=20.0, metavar="HZ", help="image rate (default 20 Hz)")
     parser.add_argument("--workers", type=positive_int, default=2, help="analysis worker processes (default 2)")
-    parser.add_argument("--detector", default="eiger2-1m", help="simulated detector (default eiger2-1m)")
+    parser.add_argument("--detector", type=detector_name, default="eiger2-1m",
+                        help="simulated detector (default eiger2-1m)")
     parser.add_argument("--seed", type=int, default=7, help="crystal position seed (default 7)")
     parser.add_argument("--dashboard-port", type=port_or_zero, default=8080, metavar="PORT",
                         help="port of the web dashboard (default 8080; 0 picks a free one)")
@@ -54,6 +56,7 @@ def ensure_cluster(settings: Settings) -> None:
         print(f"Kafka {status.kafka_version} running at {status.bootstrap} (data in {status.data_dir})")
     else:
         print(f"using the Kafka cluster at {settings.kafka_bootstrap}")
+        require_kafka(settings)
 
 
 def run(args: argparse.Namespace) -> int:

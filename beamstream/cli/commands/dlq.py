@@ -8,9 +8,10 @@ import sys
 
 from beamstream.cli.commands.options import add_yes_flag, confirm
 from beamstream.cli.commands.output import add_json_flag, print_json, print_table
-from beamstream.cli.params import iso_time
+from beamstream.cli.params import dead_letter_id, iso_time
 from beamstream.engine import dead_letter_store as dlq
-from beamstream.platform.settings import load_settings
+from beamstream.platform.kafka_clients import require_kafka
+from beamstream.platform.settings import Settings, load_settings
 
 REASON_WIDTH = 70
 
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
     add_json_flag(listing)
 
     show = actions.add_parser("show", help="everything about one dead letter, its payload decoded")
-    show.add_argument("id", metavar="ID", help="PARTITION:OFFSET in the dead-letter topic")
+    show.add_argument("id", type=dead_letter_id, metavar="ID", help="PARTITION:OFFSET in the dead-letter topic")
     add_json_flag(show)
 
     again = actions.add_parser(
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
         description="Produce each dead letter's original key, payload and headers back to its source topic "
         "(header beamstream-reinjected counts reinjections), in one transaction with a marker that stops it "
         "being reinjected twice. Fix the cause first (e.g. the missing file).")
-    again.add_argument("ids", nargs="*", metavar="ID", help="PARTITION:OFFSET of each dead letter")
+    again.add_argument("ids", nargs="*", type=dead_letter_id, metavar="ID", help="PARTITION:OFFSET of each dead letter")
     again.add_argument("--all", action="store_true", help="every dead letter not reinjected yet")
     again.add_argument("--service", metavar="S", help="with --all: only dead letters of service S")
     again.add_argument("--dry-run", action="store_true", help="show what would be reinjected, write nothing")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    scan = dlq.read_dead_letters(load_settings())
+    scan = dlq.read_dead_letters(_cluster_settings())
     entries = [e for e in scan.entries
                if e.of_service(args.service) and (args.since is None or e.failed_at >= args.since)]
     rows = [e.row() for e in entries]
@@ -78,7 +79,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = _cluster_settings()
     from beamstream.schemas.serde import make_serde
 
     [entry] = dlq.read_dead_letters(settings).find([args.id])
@@ -107,7 +108,7 @@ def _reinject(args: argparse.Namespace) -> int:
         raise dlq.DeadLetterError("name the dead letters to reinject (PARTITION:OFFSET ...) or pass --all, not both")
     if args.service and not args.all:
         raise dlq.DeadLetterError("--service only goes with --all")
-    settings = load_settings()
+    settings = _cluster_settings()
     scan = dlq.read_dead_letters(settings)
     todo, skipped = dlq.select(scan, args.ids, args.all, args.service)
     if not todo:
@@ -131,7 +132,7 @@ def _reinject(args: argparse.Namespace) -> int:
 
 
 def _purge(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = _cluster_settings()
     plan = dlq.plan_purge(dlq.read_dead_letters(settings), args.before)
     if not plan.entries:
         print("nothing to purge")
@@ -142,6 +143,13 @@ def _purge(args: argparse.Namespace) -> int:
     print(f"purged {len(plan.entries)} dead letter(s) from {plan.topic} ({cuts})")
     print(f"copy: {path}")
     return 0
+
+
+def _cluster_settings() -> Settings:
+    """The settings, once the cluster has answered (every action reads the dead-letter topic)."""
+    settings = load_settings()
+    require_kafka(settings)
+    return settings
 
 
 def _table_row(row: dict) -> tuple:

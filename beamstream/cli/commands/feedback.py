@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
+from beamstream.cli.service import add_service_options, run_stoppable, start_service
 from beamstream.platform import metrics
 from beamstream.platform.settings import load_settings
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     address = parse_address(args.udp)
     settings = load_settings()
-    start_service_logging_and_metrics(args, "gda-feedback", settings, metrics.FEEDBACK_REGISTRY)
+    start_service(args, "gda-feedback", settings, metrics.FEEDBACK_REGISTRY)
     feedback = GdaFeedback(settings, address, from_beginning=args.from_beginning)
     sent, _signal = run_stoppable(lambda _stop: feedback.run(), stop=feedback.stop_event)
     print(f"sent {sent} datagrams to {args.udp}")

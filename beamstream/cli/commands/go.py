@@ -6,6 +6,7 @@ import argparse
 
 from beamstream.cli.commands.output import add_json_flag, print_json
 from beamstream.cli.params import dcid
+from beamstream.platform.kafka_clients import require_kafka
 from beamstream.platform.settings import load_settings
 
 
@@ -36,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     parameters = parse_parameters(args.param)  # bad parameters fail before the database is touched
     settings = load_settings()
     engine = make_engine(settings.database_url)
-    go_plan = plan(engine, args.dcid, parameters)
+    go_plan = plan(engine, args.dcid, parameters)  # an unknown dcid is refused before Kafka is asked
+    if not args.dry_run:
+        require_kafka(settings)  # before the ProcessingJob is registered
     job_id = None if args.dry_run else run_go(settings, engine, go_plan)
     if args.json:
         print_json({

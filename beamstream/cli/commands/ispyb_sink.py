@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from beamstream.cli.params import batch_size, seconds_up_to_a_minute
-from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
+from beamstream.cli.service import add_service_options, run_stoppable, start_service
 from beamstream.errors import BeamstreamError
 from beamstream.platform import metrics
 from beamstream.platform.settings import load_settings
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from beamstream.connectors.ispyb_sink import IspybSink, SinkOptions
 
     settings = load_settings()
-    start_service_logging_and_metrics(args, "ispyb-sink", settings, metrics.ISPYB_SINK_REGISTRY)
+    start_service(args, "ispyb-sink", settings, metrics.ISPYB_SINK_REGISTRY)
     engine = make_engine(settings.database_url)
     check_schema(engine)
     sink = IspybSink(settings, engine, SinkOptions(batch_size=args.batch_size, batch_wait_s=args.batch_wait))

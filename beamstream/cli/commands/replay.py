@@ -7,7 +7,10 @@ import argparse
 from beamstream.cli.commands.options import add_yes_flag, confirm
 from beamstream.cli.commands.output import print_table
 from beamstream.cli.params import dcid, iso_time, non_negative_int
+from beamstream.errors import BeamstreamError
+from beamstream.platform.kafka_clients import require_kafka
 from beamstream.platform.settings import load_settings
+from beamstream.platform.topics import resolve_topic
 
 
 def register(subparsers) -> None:
@@ -41,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from beamstream.producers.replay import plan_replay, replay
 
     settings = load_settings()
+    topic = resolve_topic(settings, args.topic)  # a topic that is not declared is refused before connecting
+    check_range(args)
+    require_kafka(settings)
     plan = plan_replay(
-        settings, args.topic,
+        settings, topic,
         from_time=args.from_time,
         from_offset=args.from_offset,
         to_time=args.to_time,
@@ -58,3 +64,13 @@ def run(args: argparse.Namespace) -> int:
     written = replay(settings, plan)
     print(f"replayed {sum(written.values())} event(s) onto {plan.topic}")
     return 0
+
+
+def check_range(args: argparse.Namespace) -> None:
+    """Refuse a range that ends where or before it starts: it holds no events whatever the topic holds."""
+    if args.from_offset is not None and args.to_offset is not None and args.to_offset <= args.from_offset:
+        raise BeamstreamError(f"no events in an empty range: --to-offset {args.to_offset} is not after "
+                              f"--from-offset {args.from_offset}; nothing written")
+    if args.from_time is not None and args.to_time is not None and args.to_time <= args.from_time:
+        raise BeamstreamError(f"no events in an empty range: --to-time {args.to_time.isoformat()} is not after "
+                              f"--from-time {args.from_time.isoformat()}; nothing written")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from beamstream.cli.commands.output import add_json_flag, print_json, print_table
+from beamstream.platform.kafka_clients import require_kafka
 from beamstream.platform.settings import load_settings
 from beamstream.platform.topics import apply_topics, list_topics
 
@@ -27,6 +28,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Carry out the topics action."""
     settings = load_settings()
+    require_kafka(settings)
     if args.action == "apply":
         changes = apply_topics(settings)
         if args.json:

@@ -919,3 +919,12 @@ def test_a_batch_found_committed_after_a_stuck_commit_is_not_checkpointed_before
     assert stage.committed_batches == 1 and stage.producers_replaced == 1
     assert counts.get(0, b"a") == {"n": 1}
     assert not counts.checkpoint_dir.exists()
+
+
+def test_a_producer_refused_by_acls_says_so_rather_than_asking_whether_the_cluster_is_up(broker, settings):
+    broker.fail_next("make_producer", kafka_error(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                                                  reason="Transactional Id authorization failed"))
+    stage = Stage(settings, GROUP, ["in"], Recorder(), clients=broker.clients(), stall_limit_s=None)
+
+    with pytest.raises(StageError, match=r"authorization failed \(check the Kafka user's ACLs and credentials\)"):
+        stage.open()
