@@ -47,6 +47,8 @@ from beamstream.schemas.serde import SerdeError, make_serde
 log = logging.getLogger(__name__)
 
 CollectionKey = tuple[int, int | None]  # (dcid, processing_job_id)
+#: The largest ArchiveComplete sent (Kafka's record limit is librdkafka's message.max.bytes, 1,000,000).
+MAX_EVENT_BYTES = 900_000
 COLLECTION_EVENTS = ("CollectionStarted", "CollectionEnded", "CollectionCheck")
 
 
@@ -155,7 +157,7 @@ class ArchiveProcessor(Processor):
             manifest = build_manifest(started, value, self.stop_event)
             path = manifest_path(started, self.settings.archive_root)
             digest, written = write_manifest(path, manifest)
-        except (OSError, BeamstreamError) as exc:
+        except (OSError, ValueError, BeamstreamError) as exc:  # ValueError: a NUL byte in the template
             reason = f"archiving dcid {key[0]} ({started['file_template']}) failed: {exc}"
             return [self._dead_letter(message, reason, type(exc).__name__, key[0])]
         self._archiving[key] = (value["event_time"], time.monotonic() - building)
@@ -170,7 +172,14 @@ class ArchiveProcessor(Processor):
                                                "files": len(manifest["files"]), "missing": len(manifest["missing"]),
                                                "complete": manifest["complete"]})
         archive = self.topics["archive"]
-        return [(archive, dcid_key(key[0]), self.serde.encode("ArchiveComplete", complete, archive))]
+        event = self.serde.encode("ArchiveComplete", complete, archive)
+        if len(event) > MAX_EVENT_BYTES:  # Kafka would refuse it, and the batch with it, after every retry
+            self._archiving.pop(key)
+            reason = (f"the ArchiveComplete of dcid {key[0]} would be {len(event)} bytes, more than a Kafka record "
+                      f"holds ({len(complete['missing_files'])} missing files, a beamline name of "
+                      f"{len(complete['beamline'])} characters); its manifest is {path}")
+            return [self._dead_letter(message, reason, "EventTooLarge", key[0])]
+        return [(archive, dcid_key(key[0]), event)]
 
     def _dead_letter(self, message: Message, reason: str, error_type: str, dcid: int | None = None) -> Output:
         self.stats["dead_letters"] += 1

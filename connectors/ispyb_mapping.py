@@ -75,6 +75,13 @@ STATUS_SUCCESS = 1
 STATUS_FAILED = 0
 
 
+#: The largest ids and image numbers ISPyB's columns hold (INT and ImageQualityIndicators.imageNumber's
+#: MEDIUMINT), and the largest FLOAT: past them the database refuses the row, a message at a time.
+MAX_ID = 2**31 - 1
+MAX_IMAGE_NUMBER = 2**23 - 1
+MAX_FLOAT = 3.4e38
+
+
 class RecordError(ValueError):
     """An event that decodes but cannot be stored (the message says what is wrong)."""
 
@@ -97,7 +104,7 @@ def _finite(value: float | None) -> float | None:
 
 def _resolution(value: float | None) -> float | None:
     value = _finite(value)
-    return value if value is not None and value > 0 else None
+    return value if value is not None and 0 < value < MAX_FLOAT else None  # 1e300 Å is as undefined as -1
 
 
 def run_key(value: dict) -> tuple[int, int | None]:
@@ -111,24 +118,25 @@ def run_uuid(dcid: int, processing_job_id: int | None) -> bytes:
     return uuid.uuid5(RUN_NAMESPACE, name).bytes
 
 
+def _check_ids(value: dict) -> None:
+    if not 1 <= value["dcid"] <= MAX_ID:
+        raise RecordError(f"dcid must be from 1 to {MAX_ID}, got {value['dcid']}")
+    job = value.get("processing_job_id")
+    if job is not None and not 1 <= job <= MAX_ID:
+        raise RecordError(f"processing_job_id must be from 1 to {MAX_ID}, got {job} (dcid {value['dcid']})")
+
+
 def check_result(result: dict) -> None:
     """Raise :class:`RecordError` for a result no ISPyB row can hold."""
-    if result["dcid"] < 1:
-        raise RecordError(f"dcid must be positive, got {result['dcid']}")
-    if result["image_number"] < 1:
-        raise RecordError(f"image numbers start at 1, got {result['image_number']} (dcid {result['dcid']})")
-    job = result.get("processing_job_id")
-    if job is not None and job < 1:
-        raise RecordError(f"processing_job_id must be positive, got {job} (dcid {result['dcid']})")
+    _check_ids(result)
+    if not 1 <= result["image_number"] <= MAX_IMAGE_NUMBER:
+        raise RecordError(f"image numbers start at 1 and end at {MAX_IMAGE_NUMBER}, got {result['image_number']} "
+                          f"(dcid {result['dcid']})")
 
 
 def check_summary(summary: dict) -> None:
     """Raise :class:`RecordError` for a summary no AutoProcProgram can hold."""
-    if summary["dcid"] < 1:
-        raise RecordError(f"dcid must be positive, got {summary['dcid']}")
-    job = summary.get("processing_job_id")
-    if job is not None and job < 1:
-        raise RecordError(f"processing_job_id must be positive, got {job} (dcid {summary['dcid']})")
+    _check_ids(summary)
 
 
 def quality_indicators(result: dict) -> dict:

@@ -22,10 +22,18 @@ import re
 import threading
 from pathlib import Path
 
+from beamstream.errors import BeamstreamError
 from beamstream.producers.scanning import cbf_file_name, is_nexus_template
 
 MANIFEST_FORMAT = "beamstream-archive-manifest/1"
 _CHUNK = 4 << 20
+#: The most images a manifest lists (as many as a collection's table can count, ``MAX_IMAGE_NUMBER`` of the
+#: collect stage): a start naming two billion images would otherwise hold the archiver for hours.
+MAX_IMAGES = 2**21
+
+
+class ManifestError(BeamstreamError):
+    """A collection whose manifest cannot be made (the message says why)."""
 
 
 class Interrupted(Exception):
@@ -94,6 +102,8 @@ def build_manifest(started: dict, ended: dict, stop: threading.Event | None = No
     under ``missing`` and make the manifest incomplete. Unreadable files raise OSError.
     """
     n_images = max(0, min(started["number_of_images"], ended["images_collected"]))
+    if n_images > MAX_IMAGES:
+        raise ManifestError(f"{n_images} images is more than a manifest lists ({MAX_IMAGES})")
     files, missing = [], []
     for path in expected_files(started["file_template"], started.get("start_image_number", 1), n_images):
         path = Path(os.path.abspath(path))

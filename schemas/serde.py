@@ -167,13 +167,20 @@ def _read_body(body: bytes, writer: SchemaVersion, reader: SchemaVersion, where:
         # Resolving a schema against itself costs more than reading the body: only an old writer needs it.
         same = reader.fingerprint == writer.fingerprint
         value = fastavro.schemaless_reader(stream, writer.codec, None if same else reader.codec)
-    except (EOFError, ValueError, IndexError, UnicodeDecodeError, struct.error,
-            fastavro.read.SchemaResolutionError) as exc:
+    except (EOFError, ValueError, IndexError, UnicodeDecodeError, struct.error, OverflowError,
+            fastavro.read.SchemaResolutionError) as exc:  # OverflowError: a timestamp past year 9999
         raise CorruptMessageError(f"{where}: {writer.name} body cannot be decoded ({exc})") from None
     if stream.tell() != len(body):
         raise CorruptMessageError(
             f"{where}: {len(body) - stream.tell()} trailing bytes after a {writer.name} body"
         )
+    # fastavro reads an int field of any width (a corrupt or mistyped body gives 2**40 for an "int"), and a
+    # value that does not fit its own schema cannot be written again: consumers re-encode what they read.
+    if reader.writer_check is not None and not reader.writer_check(value):
+        try:
+            _validate(reader, value)
+        except InvalidRecordError as exc:
+            raise CorruptMessageError(f"{where}: {exc}") from None
     return value
 
 

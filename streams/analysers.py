@@ -88,5 +88,8 @@ def path_within_roots(path: str, roots: tuple[str, ...]) -> bool:
     """True when ``path`` lies inside one of ``roots`` (any path when no roots are configured)."""
     if not roots:
         return True
-    resolved = Path(path).resolve()
+    try:
+        resolved = Path(path).resolve()
+    except (ValueError, OSError, RuntimeError):  # a NUL byte in the path, a symlink loop: no file in a root
+        return False
     return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)

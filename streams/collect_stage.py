@@ -35,6 +35,9 @@ from beamstream.streams.outstanding import OutstandingImages
 
 log = logging.getLogger(__name__)
 
+#: What the results and collections topics may carry (anything else there is dead-lettered).
+COLLECTION_INPUTS = ("ImageResult", "CollectionStarted", "CollectionEnded", "CollectionCheck")
+
 
 class CollectProcessor(Processor):
     """The collection state machine of one worker: what each result or collection event changes and emits."""
@@ -112,6 +115,12 @@ class CollectProcessor(Processor):
         except SerdeError as exc:
             return [self._dead_letter(message, str(exc), type(exc).__name__)]
         value = decoded.value
+        if decoded.name not in COLLECTION_INPUTS:  # before its fields are read: other records have no dcid
+            reason = f"unexpected {decoded.name} on {topic}"
+            return [self._dead_letter(message, reason, "SchemaMismatchError", dcid=value.get("dcid"))]
+        problem = cs.event_problem(decoded.name, value)
+        if problem is not None:
+            return [self._dead_letter(message, problem, "InvalidEvent", dcid=value["dcid"])]
         key = cs.state_key(value["dcid"], value.get("processing_job_id")).encode()
         state = self.collections.get(partition, key) or cs.CollectionState(
             value["dcid"], value.get("processing_job_id"))
@@ -126,11 +135,8 @@ class CollectProcessor(Processor):
             cs.apply_end(state, value)
             log.info("collection ended", extra={"dcid": state.dcid, "images_seen": state.n_seen,
                                                 "expected": state.expected})
-        elif decoded.name == "CollectionCheck":
+        else:  # a CollectionCheck: only asks for the completion test below
             changed = False
-        else:
-            reason = f"unexpected {decoded.name} on {topic}"
-            return [self._dead_letter(message, reason, "SchemaMismatchError", dcid=value.get("dcid"))]
         outputs = self._announcements(state, key, partition)
         if changed or outputs:
             self.collections.put(partition, key, state)
@@ -182,6 +188,11 @@ class CollectProcessor(Processor):
         except SerdeError as exc:
             return [self._dead_letter(message, str(exc), type(exc).__name__)]
         key = message.key()
+        if summary["sample_id"] is None or key != str(summary["sample_id"]).encode():
+            # The samples table is keyed by sample (a compacted changelog refuses a record without a key).
+            reason = (f"a summary on {topic} keyed {(key or b'')[:40]!r} is not keyed by its sample id "
+                      f"({summary['sample_id']})")
+            return [self._dead_letter(message, reason, "InvalidKey", dcid=summary["dcid"])]
         state = self.samples.get(partition, key) or sample_centring.empty_state()
         centre = sample_centring.record_grid_summary(state, summary, datetime.now(UTC))
         self.samples.put(partition, key, state)

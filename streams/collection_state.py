@@ -18,11 +18,17 @@ from datetime import datetime
 import numpy as np
 
 from beamstream.diffraction.centring import GridShape, find_xray_centre
+from beamstream.streams.sample_centring import PLANES
 
 #: d_min histogram: bins of 0.02 Å from 0.5 Å; the median is reported to a bin's centre.
 D_MIN_BIN_A = 0.02
 D_MIN_LOW_A = 0.5
 D_MIN_BINS = 500
+#: The highest image number a collection may have: the bitmap of images seen (a bit each) is part of the
+#: table's changelog record, which must stay well under Kafka's record limit (1 MB): 2**21 bits are 256 KiB.
+MAX_IMAGE_NUMBER = 2**21
+#: The most grid positions: a grid's per-image counts are in the changelog record too (about 12 bytes each).
+MAX_GRID_POSITIONS = 40_000
 
 
 def state_key(dcid: int, processing_job_id: int | None) -> str:
@@ -104,6 +110,28 @@ class CollectionState:
         return record
 
 
+def event_problem(record_type: str, value: dict) -> str | None:
+    """Why an event cannot be folded into a collection's state (numbers no table entry can hold), or None."""
+    dcid = value["dcid"]
+    if record_type == "ImageResult":
+        number = value["image_number"]
+        if not 0 <= number <= MAX_IMAGE_NUMBER:
+            return f"image number {number} of dcid {dcid} is outside 0..{MAX_IMAGE_NUMBER}"
+    elif record_type == "CollectionStarted":
+        first, count = value["start_image_number"], value["number_of_images"]
+        if count < 0 or first < 0 or first + count - 1 > MAX_IMAGE_NUMBER:
+            return (f"dcid {dcid} starts at image {first} with {count} images: "
+                    f"image numbers must lie within 0..{MAX_IMAGE_NUMBER}")
+        grid = value.get("grid")
+        if grid and not (grid["rows"] >= 1 and grid["columns"] >= 1
+                         and grid["rows"] * grid["columns"] <= MAX_GRID_POSITIONS):
+            return (f"dcid {dcid} has a grid of {grid['rows']} x {grid['columns']}: "
+                    f"1 to {MAX_GRID_POSITIONS} positions expected")
+        if grid and grid["plane"] not in PLANES:  # the summary carries it (a megabyte would not fit)
+            return f"dcid {dcid} has a grid in plane {grid['plane'][:40]!r}: xy or xz expected"
+    return None
+
+
 def _epoch(value: datetime | float | int) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
@@ -149,7 +177,8 @@ def apply_result(state: CollectionState, result: dict, now: float | None = None)
         state.best_image = image
     d_min = result.get("estimated_d_min")
     if d_min is not None and math.isfinite(d_min):
-        index = min(D_MIN_BINS - 1, max(0, int((d_min - D_MIN_LOW_A) / D_MIN_BIN_A)))
+        position = (d_min - D_MIN_LOW_A) / D_MIN_BIN_A  # infinite for d_min near the largest double
+        index = D_MIN_BINS - 1 if position >= D_MIN_BINS - 1 else max(0, int(position))
         state.d_min_histogram[index] = state.d_min_histogram.get(index, 0) + 1
     if not state.started or state.experiment_type == "grid":
         state.counts[image] = spots
