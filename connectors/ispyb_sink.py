@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -43,6 +44,7 @@ from beamstream.connectors.ispyb_writer import DatabaseUnavailable, DataRefused,
 from beamstream.engine.dead_letters import DeadLetters
 from beamstream.engine.stage import Backoff, Processor, Stage
 from beamstream.engine.transactions import Output
+from beamstream.errors import BeamstreamError
 from beamstream.platform import metrics
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import topic_name
@@ -51,6 +53,12 @@ from beamstream.schemas.serde import SerdeError, make_serde
 log = logging.getLogger(__name__)
 
 SERVICE = "ispyb-sink"
+#: The record types of the summaries topic (beamstream.platform.topics): the sink stores the first.
+SUMMARY_TYPES = ("CollectionSummary", "SampleCentre")
+#: Test hook, never set in production: ``N`` makes the sink SIGKILL its own process right after the
+#: database commit of its Nth batch, before that batch's Kafka commit, so the fault tests can crash a real
+#: sink process exactly there (tests/e2e/test_faults_ispyb.py).
+FAULT_KILL_ENV = "BEAMSTREAM_FAULT_KILL_AFTER_DB_COMMIT"
 
 
 @dataclass(frozen=True)
@@ -122,8 +130,12 @@ class IspybSink:
             settings, self.group_id, [self.processor.results_topic, self.processor.summaries_topic], self.processor,
             name=SERVICE, chunk_size=self.options.batch_size, commit_interval_s=self.options.batch_wait_s,
             tick_interval_s=self.options.report_every_s,
+            # As the workers': a crashed sink's partitions move 10 s after its last heartbeat, not librdkafka's 45.
+            consumer_config={"session.timeout.ms": 10_000, "heartbeat.interval.ms": 3_000},
             transactional_id=f"{self.group_id}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.stop_event = self.stage.stop_requested
+        if os.environ.get(FAULT_KILL_ENV):
+            self.after_database_commit = _killed_after_database_commit(os.environ[FAULT_KILL_ENV])
 
     @property
     def stats(self) -> SinkStats:
@@ -152,6 +164,27 @@ class IspybSink:
 
     def _database_name(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
+
+
+def _killed_after_database_commit(setting: str) -> Callable[[list[Message]], None]:
+    """The :data:`FAULT_KILL_ENV` hook: SIGKILL this process after the database commit of batch ``setting``."""
+    try:
+        kill_at = int(setting)
+    except ValueError:
+        kill_at = 0
+    if kill_at < 1:
+        raise BeamstreamError(f"{FAULT_KILL_ENV} must be a batch number of 1 or more, got {setting!r}")
+    batches = 0
+
+    def hook(_messages: list[Message]) -> None:
+        nonlocal batches
+        batches += 1
+        if batches >= kill_at:
+            log.warning("fault injection: killed after a database commit", extra={"batch": batches})
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 class SinkProcessor(Processor):
@@ -230,7 +263,8 @@ class SinkProcessor(Processor):
                     check_result(value)
                     items.append(_Item(message, "result", value))
                     continue
-                decoded = self.serde.decode(message.value(), topic)
+                # Anything but the topic's own record types is dead-lettered, not skipped unseen.
+                decoded = self.serde.decode(message.value(), topic, SUMMARY_TYPES)
                 if decoded.name != "CollectionSummary":
                     # The summaries topic carries other summary types too; not ISPyB's business.
                     self.stats.skipped += 1

@@ -77,6 +77,17 @@ def publish_raw(settings: Settings, logical_topic: str, payloads: Iterable[tuple
     producer.flush(30)
 
 
+def stream(settings: Settings, values: list[dict], chunk: int, pause_s: float) -> None:
+    """Publish ImageResult ``values`` as a steady stream: ``chunk`` results every ``pause_s`` seconds."""
+    serde, topic = make_serde(), topic_name(settings, "results")
+    producer = make_producer(settings)
+    for start in range(0, len(values), chunk):
+        for value in values[start:start + chunk]:
+            producer.produce(topic, serde.encode("ImageResult", value, topic), dcid_key(value["dcid"]))
+        producer.flush(30)
+        time.sleep(pause_s)
+
+
 class SinkThread:
     """An :class:`IspybSink` running in a thread; re-raises its error on :meth:`stop`."""
 

@@ -22,7 +22,7 @@ import pytest
 
 from beamstream.cli import params
 from beamstream.cli.main import build_parser, main
-from beamstream.cli.service import run_stoppable, start_service_logging_and_metrics
+from beamstream.cli.service import run_stoppable, start_service
 from beamstream.errors import BeamstreamError
 from beamstream.operations.cluster import ClusterError, LocalCluster
 from beamstream.operations.registry import LocalRegistry
@@ -105,6 +105,9 @@ COMMAND_LINES = [
     (["worker", "--threads", "0"], "beamstream worker", "argument --threads: must be at least 1, got 0"),
     (["worker", "--threads", "-3"], "beamstream worker", "argument --threads: must be at least 1, got -3"),
     (["worker", "--threads", "many"], "beamstream worker", "argument --threads: expected a whole number, got 'many'"),
+    (["worker", "--stall-limit", "0"], "beamstream worker", "argument --stall-limit: must be more than 0, got 0"),
+    (["worker", "--answered-retention", "-3"], "beamstream worker",
+     "argument --answered-retention: must be more than 0, got -3"),
     (["worker", "--retry-backoff", "x"], "beamstream worker", "argument --retry-backoff: expected a number, got 'x'"),
     (["worker", "--simulated-analysis-time", "-0.5"], "beamstream worker",
      "argument --simulated-analysis-time: must be 0 or more"),
@@ -179,7 +182,7 @@ def test_a_bad_metrics_port_in_the_environment_is_refused_before_logging_is_touc
     handlers = list(logging.getLogger().handlers)
     args = build_parser().parse_args(["archiver"])
     with pytest.raises(BeamstreamError, match="BEAMSTREAM_METRICS_PORT: expected a port number, got 'nine'"):
-        start_service_logging_and_metrics(args, "archiver", Settings())
+        start_service(args, "archiver", Settings())
     assert logging.getLogger().handlers == handlers
 
 
