@@ -14,12 +14,13 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from confluent_kafka import Message
+from confluent_kafka import Message, TopicPartition
 
 from beamstream.engine.stage import Processor, Stage
 from beamstream.engine.transactions import Output
 from beamstream.errors import BeamstreamError
 from beamstream.platform import metrics
+from beamstream.platform.retained import offset_bounds
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import topic_name
 from beamstream.schemas.serde import SerdeError, make_serde
@@ -62,7 +63,22 @@ class GdaFeedback:
         self.processor = FeedbackProcessor(settings, address)
         self.stage = Stage(settings, self.group_id, [self.processor.topic], self.processor, name="gda-feedback",
                            exactly_once=False, consumer_config={"auto.offset.reset": offset_reset})
+        if not from_beginning:
+            self.processor.on_assigned = self._pin_start
         self.stop_event = self.stage.stop_requested
+
+    def _pin_start(self, partitions: list[TopicPartition]) -> None:
+        """Commit the end of every assigned partition the group has never committed.
+
+        "New results only" must mean from the first start, not from every rejoin: a partition that got no
+        result yet would otherwise start from its latest offset again after each rebalance, skipping what
+        arrived while it was unowned (seen after a broker outage)."""
+        consumer = self.stage.consumer
+        unstarted = [tp for tp in consumer.committed(partitions, timeout=30) if tp.offset < 0]
+        if unstarted:
+            bounds = offset_bounds(consumer, self.processor.topic, [tp.partition for tp in unstarted])
+            consumer.commit(offsets=[TopicPartition(self.processor.topic, partition, end)
+                                     for partition, (_, end) in bounds.items()], asynchronous=False)
 
     @property
     def sent(self) -> int:
@@ -91,6 +107,12 @@ class FeedbackProcessor(Processor):
         self.sent = 0
         self.enough: Callable[[], bool] | None = None
         self.stop: threading.Event | None = None
+        self.on_assigned: Callable[[list[TopicPartition]], None] | None = None
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """Partitions were assigned: ``on_assigned`` pins where a new group starts."""
+        if self.on_assigned is not None:
+            self.on_assigned(partitions)
 
     def process(self, messages: list[Message]) -> list[Output]:
         """Send a datagram per result; nothing goes back to Kafka."""

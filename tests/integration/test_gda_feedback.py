@@ -47,3 +47,26 @@ def test_results_are_sent_to_gda(kafka_settings):
     assert sent == 5
     assert [d.split(b":")[2] for d in received] == [b"1", b"2", b"3", b"4", b"5"]
     assert [d.split(b":")[4] for d in received] == [b"10", b"20", b"30", b"40", b"50"]
+
+
+@pytest.mark.kafka
+def test_a_result_written_while_feedback_was_away_is_sent_after_it_rejoins(kafka_settings):
+    # The service's group starts with new results only; a partition that had no result yet at the first start
+    # must not start from "latest" again at the next start, or what came meanwhile is never sent.
+    serde = make_serde()
+    topic = topic_name(kafka_settings, "results")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gda:
+        gda.bind(("127.0.0.1", 0))
+        gda.settimeout(10)
+        first = GdaFeedback(kafka_settings, gda.getsockname())
+        assert first.run(idle_timeout_s=3) == 0  # joined, assigned every partition, nothing to send
+
+        producer = make_producer(kafka_settings)
+        result = example_event("ImageResult")
+        result["image_number"] = 7
+        producer.produce(topic, serde.encode("ImageResult", result, topic), dcid_key(result["dcid"]))
+        producer.flush(10)
+
+        sent = GdaFeedback(kafka_settings, gda.getsockname()).run(max_messages=1, idle_timeout_s=20)
+        assert sent == 1
+        assert gda.recv(1024).split(b":")[2] == b"7"
