@@ -19,9 +19,10 @@ import pytest
 
 from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
 from beamstream.streams import collection_state as cs
+from tests.helpers.faults import record_fault
 from tests.helpers.harness import ServiceProcess, Supervisor, TopicReader
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.fault]
 
 ROWS, COLUMNS = 15, 20  # 300 images
 N_IMAGES = ROWS * COLUMNS
@@ -57,7 +58,16 @@ def changelog_topic(settings) -> str:
     return f"{settings.topic_prefix}workers-collections-changelog"
 
 
-def assert_exactly_once(reader: TopicReader, settings, dcid: int) -> None:
+def longest_pause(reader: TopicReader) -> float:
+    """The longest time between two results arriving at ``reader`` (how long a fault stopped them)."""
+    with reader._lock:
+        times = sorted(reader.received_at["results"])
+    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+
+def assert_exactly_once(reader: TopicReader, settings, dcid: int, fault: str | None = None,
+                        recovery_s: float | None = None) -> None:
+    """The three statements of the module docstring; with ``fault``, what was counted is recorded first."""
     try:
         reader.wait_for(lambda: len(reader.values("summaries", "CollectionSummary", dcid)) >= 1, 150,
                         "the collection summary")
@@ -81,6 +91,9 @@ def assert_exactly_once(reader: TopicReader, settings, dcid: int) -> None:
     counts = Counter(r["image_number"] for r in results)
     duplicated = sorted(n for n, c in counts.items() if c > 1)
     missing = sorted(set(range(1, N_IMAGES + 1)) - set(counts))
+    if fault is not None:
+        record_fault(fault, images=N_IMAGES, lost=len(missing), duplicated=sum(counts[n] - 1 for n in duplicated),
+                     recovery_s=longest_pause(reader) if recovery_s is None else recovery_s)
     assert not duplicated, f"images with more than one result: {duplicated[:20]}"
     if missing:  # lost by the producer or by the workers? The images topic says which.
         announced = {v["image_number"] for v in reader.values("images", "ImageArrived", dcid)}
@@ -130,7 +143,7 @@ def test_kill_minus_nine_mid_collection(settings, tmp_path):
             _wait_results(reader, dcid, threshold)
             workers[n % 2].kill()
         publisher.join(60)
-        assert_exactly_once(reader, settings, dcid)
+        assert_exactly_once(reader, settings, dcid, "worker SIGKILLed 3 times mid-scan, restarted")
         assert len(supervisor.restarts) >= 3
     finally:
         supervisor.stop()
@@ -155,8 +168,12 @@ def test_broker_restart_mid_collection(kafka_cluster, settings, tmp_path):
         cluster.down()
         time.sleep(2)
         cluster.up(progress=False)
+        back = time.time()
         publisher.join(120)
-        assert_exactly_once(reader, settings, dcid)
+        with reader._lock:
+            after = [at for at in reader.received_at["results"] if at > back]
+        assert_exactly_once(reader, settings, dcid, "single broker restarted mid-scan",
+                            recovery_s=min(after) - back if after else None)
     finally:
         supervisor.stop()
         for worker in workers:
@@ -178,7 +195,7 @@ def test_a_third_worker_joins_and_leaves(settings, tmp_path):
         third.retired = True
         assert third.terminate() == 0, "SIGTERM should stop a worker cleanly"
         publisher.join(60)
-        assert_exactly_once(reader, settings, dcid)
+        assert_exactly_once(reader, settings, dcid, "a third worker joins and leaves mid-scan")
     finally:
         supervisor.stop()
         for worker in workers:
