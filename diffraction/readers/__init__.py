@@ -6,6 +6,7 @@ Frames are addressed by 0-based index here (the CLI speaks 1-based image numbers
 
     image = open_image("thau_3_2_0001.cbf.bz2")          # the only frame
     n = count_frames("series_master.h5")
+    master = read_master("series_master.h5")            # geometry and mask, no data file opened
     for image in iter_frames("series_master.h5", frames=[0, 5, 9]):
         ...
 
@@ -22,15 +23,17 @@ from beamstream.diffraction.errors import ImageReadError
 from beamstream.diffraction.image import DiffractionImage
 from beamstream.diffraction.readers._common import ImageSource, check_frame, require_file
 from beamstream.diffraction.readers.cbf import BZ2_MAGIC, GZIP_MAGIC, CbfSource
-from beamstream.diffraction.readers.nexus import NexusSource
+from beamstream.diffraction.readers.nexus import NexusMaster, NexusSource, read_master
 
 __all__ = [
     "ImageSource",
+    "NexusMaster",
     "count_frames",
     "detect_format",
     "iter_frames",
     "open_image",
     "open_source",
+    "read_master",
 ]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"

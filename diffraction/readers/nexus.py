@@ -4,6 +4,11 @@ Frames are numbered globally across the data files in link order. Each frame
 is one HDF5 chunk, so reading frame *i* decompresses only that chunk
 (bitshuffle-LZ4 through hdf5plugin). Geometry comes from the NXmx tree; the
 mask is ``pixel_mask == 0`` and the inclusive trusted range [underload, saturation].
+
+Masters from real writers read the same way: a DECTRIS detector's firmware (``detector_distance``,
+the mask in ``detectorSpecific``, float32 values) and Diamond's nexgen (``distance``, the mask and the
+DECTRIS record linked into the ``_meta.h5`` file beside the master). :func:`read_master` gives the
+geometry and mask from the master alone, before (or without) any data file.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +106,11 @@ class _Tree:
             raise GeometryError(f"{self.path}: {item.name} is not numeric ({exc})") from None
         if value.size != 1:
             raise GeometryError(f"{self.path}: {item.name} should be a scalar, has {value.size} values")
-        return float(value[0]), _text(item.attrs.get("units", "")).strip().lower()
+        number = float(value[0])
+        if getattr(item, "dtype", None) == np.float32:
+            # DECTRIS firmware stores float32: 7.5e-05 m is meant, not 7.50000035623e-05.
+            number = float(str(np.float32(number)))
+        return number, _text(item.attrs.get("units", "")).strip().lower()
 
     def length_mm(self, *names: str, default_units: str = "m") -> float | None:
         found = self.number(*names)
@@ -203,6 +213,85 @@ _MASTER_CACHE: dict[tuple, tuple[DetectorGeometry, dict, np.ndarray | None]] = {
 _MASTER_CACHE_SIZE = 4
 _MASTER_CACHE_LOCK = threading.Lock()
 
+# Fields of the DECTRIS NXdetector (and its detectorSpecific collection) worth keeping with each frame.
+_DETECTOR_FIELDS = {
+    "detector_number": "detector_number",
+    "bit_depth_image": "bit_depth_image",
+    "count_time": "count_time_s",
+    "frame_time": "frame_time_s",
+    "threshold_energy": "threshold_energy_eV",
+    "detectorSpecific/compression": "compression",
+    "detectorSpecific/eiger_fw_version": "firmware_version",
+    "detectorSpecific/software_version": "software_version",
+    "detectorSpecific/photon_energy": "photon_energy_eV",
+    "detectorSpecific/nimages": "nimages",
+    "detectorSpecific/ntrigger": "ntrigger",
+    "detectorSpecific/data_collection_date": "collection_date",
+}
+
+
+def _detector_metadata(tree: _Tree) -> dict:
+    """The DECTRIS detector's own record (serial number, firmware, compression, bit depth, ...) found in the tree.
+
+    Fields that are absent or dangle (nexgen links many into a ``_meta.h5`` file) are left out.
+    """
+    metadata: dict = {}
+    for field, key in _DETECTOR_FIELDS.items():
+        item = tree.first(f"/entry/instrument/detector/{field}")
+        if item is None or getattr(item, "size", 0) != 1:
+            continue
+        value = np.asarray(item[()]).item()
+        metadata[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return metadata
+
+
+def _master_shape(tree: _Tree) -> tuple[int, int] | None:
+    """(slow, fast) size of a frame as the master declares it, without opening a data file.
+
+    DECTRIS and nexgen both write ``detectorSpecific/{x,y}_pixels_in_detector``; an NXmx
+    ``module/data_size`` is in data order (slow, fast) as dxtbx reads it.
+    """
+    det = "/entry/instrument/detector"
+    fast = tree.number(f"{det}/detectorSpecific/x_pixels_in_detector")
+    slow = tree.number(f"{det}/detectorSpecific/y_pixels_in_detector")
+    if fast is not None and slow is not None:
+        return int(slow[0]), int(fast[0])
+    item = tree.first(f"{det}/module/data_size")
+    if item is not None:
+        size = np.asarray(item[()]).ravel()
+        if size.size == 2:
+            return int(size[0]), int(size[1])
+    mask = _mask_item(tree)
+    if mask is not None and getattr(mask, "ndim", 0) == 2:
+        return tuple(int(n) for n in mask.shape)  # type: ignore[return-value]
+    return None
+
+
+_MASK_PATHS = ("/entry/instrument/detector/pixel_mask", "/entry/instrument/detector/detectorSpecific/pixel_mask")
+
+
+def _mask_item(tree: _Tree) -> Any | None:
+    """The pixel-mask dataset, or None if the master has none.
+
+    A mask linked into another file (nexgen links ``pixel_mask`` to the ``_meta.h5`` file the
+    detector's writer leaves next to the master) that is missing is an error naming the file:
+    analysing without the mask would turn every hot pixel into a spot.
+    """
+    h5py = _h5()
+    item = tree.first(*_MASK_PATHS)
+    if item is not None:
+        return item
+    for path in _MASK_PATHS:
+        parent, _, name = path.rpartition("/")
+        group = tree.handle.get(parent)
+        link = group.get(name, getlink=True) if isinstance(group, h5py.Group) else None
+        if isinstance(link, h5py.ExternalLink):
+            target = Path(link.filename)
+            target = target if target.is_absolute() else tree.path.parent / target
+            problem = f"has no {link.path}" if target.is_file() else "is missing"
+            raise ImageReadError(f"{tree.path}: pixel mask file {target} (linked as {path}) {problem}")
+    return None
+
 
 def _read_master_metadata(tree: _Tree, shape: tuple[int, int]) -> tuple[DetectorGeometry, dict, np.ndarray | None]:
     """(geometry, metadata, static_good) of a master file whose frames have ``shape`` (slow, fast)."""
@@ -211,9 +300,8 @@ def _read_master_metadata(tree: _Tree, shape: tuple[int, int]) -> tuple[Detector
             f"{tree.path}: no /entry/instrument/detector; this looks like a data file, open its master file"
         )
     geometry, metadata = _read_geometry(tree, (shape[1], shape[0]))
-    mask_item = tree.first(
-        "/entry/instrument/detector/pixel_mask", "/entry/instrument/detector/detectorSpecific/pixel_mask"
-    )
+    metadata.update(_detector_metadata(tree))
+    mask_item = _mask_item(tree)
     if mask_item is None:
         return geometry, metadata, None
     try:
@@ -221,10 +309,51 @@ def _read_master_metadata(tree: _Tree, shape: tuple[int, int]) -> tuple[Detector
     except (OSError, RuntimeError) as exc:
         raise ImageReadError(f"{tree.path}: cannot read {mask_item.name}: {exc}") from None
     if pixel_mask.shape != shape:
-        raise ImageReadError(f"{tree.path}: pixel_mask shape {pixel_mask.shape} differs from frames {shape}")
+        raise ImageReadError(f"{tree.path}: pixel_mask shape {pixel_mask.shape} differs from the image size {shape}")
     static_good = pixel_mask == 0
     static_good.setflags(write=False)
     return geometry, metadata, static_good
+
+
+def _cached_master_metadata(tree: _Tree, shape: tuple[int, int]) -> tuple[DetectorGeometry, dict, np.ndarray | None]:
+    """:func:`_read_master_metadata`, remembered for the few masters read most recently (keyed by mtime and size)."""
+    stat = tree.path.stat()
+    key = (str(tree.path.resolve()), stat.st_mtime_ns, stat.st_size, shape)
+    cached = _MASTER_CACHE.get(key)
+    if cached is None:
+        cached = _read_master_metadata(tree, shape)
+        with _MASTER_CACHE_LOCK:  # a worker's threads read frames of the same master at once
+            _MASTER_CACHE[key] = cached
+            while len(_MASTER_CACHE) > _MASTER_CACHE_SIZE:
+                _MASTER_CACHE.pop(next(iter(_MASTER_CACHE)))
+    return cached
+
+
+@dataclass(frozen=True)
+class NexusMaster:
+    """What an NXmx master file says on its own, without its data files.
+
+    ``good_pixels`` is ``pixel_mask == 0`` (read-only, (slow, fast)), or None when the master has no mask;
+    ``metadata`` holds the detector's name, sensor material and the DECTRIS record (serial number,
+    firmware, compression, bit depth, photon and threshold energies, image counts) where present.
+    """
+
+    path: Path
+    geometry: DetectorGeometry
+    good_pixels: np.ndarray | None
+    metadata: dict
+    data_files: tuple[Path, ...]
+
+
+def read_master(path: str | Path) -> NexusMaster:
+    """Geometry, pixel mask and detector metadata of an NXmx master file, without opening any data file.
+
+    The image size comes from the master (``x/y_pixels_in_detector``, ``module/data_size`` or the
+    pixel mask's shape), so this works while the data files are still being written, or are gone.
+    Raises a :class:`DiffractionError` naming the file and what is missing or wrong.
+    """
+    with NexusSource(path) as source:
+        return source.master()
 
 
 class _Block:
@@ -295,8 +424,10 @@ class NexusSource(ImageSource):
             handle = self._master
         else:
             if not block.file_path.exists():
+                # A bare name is next to the master (named above); a link elsewhere needs its full path.
+                shown = block.file_path.name if block.file_path.parent == self.path.parent else block.file_path
                 raise ImageReadError(
-                    f"{self.path}: data file {block.file_path.name} (linked as /entry/data/{block.label}) is missing"
+                    f"{self.path}: data file {shown} (linked as /entry/data/{block.label}) is missing"
                 )
             try:
                 # SWMR: readable while the detector's file writer still appends to it.
@@ -346,16 +477,20 @@ class NexusSource(ImageSource):
     def _prepare(self, shape: tuple[int, int]) -> None:
         if self._geometry is not None:
             return
-        stat = self.path.stat()
-        key = (str(self.path.resolve()), stat.st_mtime_ns, stat.st_size, shape)
-        cached = _MASTER_CACHE.get(key)
-        if cached is None:
-            cached = _read_master_metadata(_Tree(self.path, self._master), shape)
-            with _MASTER_CACHE_LOCK:  # a worker's threads read frames of the same master at once
-                _MASTER_CACHE[key] = cached
-                while len(_MASTER_CACHE) > _MASTER_CACHE_SIZE:
-                    _MASTER_CACHE.pop(next(iter(_MASTER_CACHE)))
+        cached = _cached_master_metadata(_Tree(self.path, self._master), shape)
         self._geometry, self._metadata, self._static_good = cached
+
+    def master(self) -> NexusMaster:
+        """The master's own geometry, mask and metadata (see :func:`read_master`); no data file is opened."""
+        tree = _Tree(self.path, self._master)
+        with _damaged_metadata_is_read_error(self.path):
+            shape = _master_shape(tree)
+            if shape is None:
+                raise GeometryError(f"{self.path}: the master gives no image size (no detectorSpecific/"
+                                    "x_pixels_in_detector, module/data_size or pixel_mask)")
+            geometry, metadata, good = _cached_master_metadata(tree, shape)
+        files = tuple(block.file_path or self.path for block in self._blocks)
+        return NexusMaster(self.path, geometry, good, dict(metadata), files)
 
     def read(self, frame: int = 0) -> DiffractionImage:
         """Read one frame (0-based, global across data files), decompressing only its chunk."""
