@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from beamstream.engine.dead_letter_store import DeadLetterEntry, DeadLetterError, _normal_id, _Resolutions
+from beamstream.engine.dead_letter_store import DeadLetterEntry, DeadLetterError, _Resolutions, normal_id
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.retained import Record, offset_bounds, open_reader, partitions_of, read_topic
 from beamstream.platform.settings import load_settings
@@ -27,10 +27,10 @@ GRID = {"rows": 1, "columns": 3, "step_x_um": 20.0, "step_y_um": 20.0}
 
 
 def test_dead_letter_ids_are_named_in_errors():
-    assert _normal_id(" 2:017 ") == "2:17"
+    assert normal_id(" 2:017 ") == "2:17"
     for bad in ("2", "a:1", "1:-3", ""):
         with pytest.raises(DeadLetterError, match="expected PARTITION:OFFSET"):
-            _normal_id(bad)
+            normal_id(bad)
 
 
 def test_a_reinjected_message_resolves_its_other_dead_letters_that_failed_before():
