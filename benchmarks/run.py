@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("bench_spotfinding.py", "bench_analysis.py", "bench_pipeline.py", "bench_ispyb.py", "bench_restore.py")
+BENCHMARKS = ("bench_spotfinding.py", "bench_analysis.py", "bench_threads.py", "bench_pipeline.py", "bench_ispyb.py",
+              "bench_restore.py", "bench_broker_restart.py", "bench_failover.py")
 
 
 def main() -> int:
