@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from beamstream.cli.params import non_negative_float, non_negative_int, positive_float, positive_int
-from beamstream.cli.service import add_service_options, run_stoppable, start_service_logging_and_metrics
+from beamstream.cli.service import add_service_options, run_stoppable, start_service
 from beamstream.errors import BeamstreamError
 from beamstream.platform import metrics
 from beamstream.platform.settings import load_settings
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise BeamstreamError(str(exc)) from None
     settings = load_settings()
-    start_service_logging_and_metrics(args, "monitor", settings, metrics.MONITOR_REGISTRY)
+    start_service(args, "monitor", settings, metrics.MONITOR_REGISTRY)
 
     def emit(event: dict) -> None:
         print(event_line(event, args.json), flush=True)
