@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -14,6 +15,17 @@ from beamstream.platform.kafka_clients import make_admin, make_consumer
 from beamstream.platform.settings import Settings
 
 T = TypeVar("T")
+
+#: A partition at most this many offsets behind its end has its waiting events counted by reading
+#: them; further behind, the offsets are the lag. Transaction markers and aborted events take offsets
+#: but are no events: a group that has taken in every event of a partition written transactionally
+#: stays one offset (the last commit marker) or a few short of its end. Further behind is real lag,
+#: where a marker or two more make no difference, and reading it all would cost what it reads.
+EXACT_WITHIN = 16
+#: Failed measurements in a row after which :class:`GroupLag` replaces its clients. After a long
+#: broker outage librdkafka's admin client has answered every request with a timeout for a minute
+#: while fresh clients answered at once.
+REOPEN_AFTER_FAILURES = 3
 
 #: Answers that mean "not yet": a group's coordinator or a partition's leader is still being settled.
 _MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
@@ -38,11 +50,7 @@ class GroupProgress:
     end: int  # offsets written to the topic (read_committed end)
     committed: int  # offsets the group has committed (a partition it never committed counts from its start)
     members: int  # consumers in the group now
-
-    @property
-    def lag(self) -> int:
-        """Events waiting for the group."""
-        return max(self.end - self.committed, 0)
+    lag: int  # events waiting for the group: counted where few offsets separate it from the end (see EXACT_WITHIN)
 
 
 class GroupLag:
@@ -58,23 +66,45 @@ class GroupLag:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.admin = make_admin(settings)
-        self.watermarks = make_consumer(settings, f"{settings.topic_prefix}lag-{uuid.uuid4().hex[:12]}")
+        self.failures = 0  # measurements failed in a row
+        self._open()
+
+    def _open(self) -> None:
+        self.admin = make_admin(self.settings)
+        self.watermarks = make_consumer(self.settings, f"{self.settings.topic_prefix}lag-{uuid.uuid4().hex[:12]}")
         self._committed: dict[str, Consumer] = {}
         self._probe: Consumer | None = None  # reads ranges for events_between, assigned, never in a group
 
     def progress(self, group: str, topic: str, timeout_s: float = 5.0) -> GroupProgress:
         """``group`` on ``topic`` now. Transient answers (a coordinator or leader still moving, as
         right after a topic or group appears) are asked again within ``timeout_s``; then it raises
-        KafkaException or TimeoutError."""
-        deadline = time.monotonic() + timeout_s
+        KafkaException or TimeoutError. After :data:`REOPEN_AFTER_FAILURES` failures in a row the
+        next measurement is made with new clients."""
+        if self.failures >= REOPEN_AFTER_FAILURES:
+            self.close()
+            self._open()
+            self.failures = 0
+        try:
+            measured = self._progress(group, topic, time.monotonic() + timeout_s)
+        except Exception:
+            self.failures += 1
+            raise
+        self.failures = 0
+        return measured
+
+    def _progress(self, group: str, topic: str, deadline: float) -> GroupProgress:
         bounds = self._bounds(topic, deadline)
-        committed = self._committed_raw(group, topic, sorted(bounds), deadline)
-        end_total = sum(high for _, high in bounds.values())
-        committed_total = sum(_from(committed, partition, low) for partition, (low, _) in bounds.items())
+        raw = self._committed_raw(group, topic, sorted(bounds), deadline)
+        ends = {partition: high for partition, (_, high) in bounds.items()}
+        committed = {partition: _from(raw, partition, low) for partition, (low, _) in bounds.items()}
+        behind = {p: ends[p] - committed[p] for p in ends if committed[p] < ends[p]}
+        near = {p: committed[p] for p, gap in behind.items() if gap <= EXACT_WITHIN}
+        with closing(self._events_in(topic, near, ends, deadline)) as events:
+            counted = sum(1 for _ in events)
+        waiting = counted + sum(gap for p, gap in behind.items() if p not in near)
         described = self.admin.describe_consumer_groups([group], request_timeout=_left(deadline))[group].result(
             _left(deadline))
-        return GroupProgress(end_total, committed_total, len(described.members))
+        return GroupProgress(sum(ends.values()), sum(committed.values()), len(described.members), waiting)
 
     def end_offsets(self, topic: str, partitions: list[int] | None = None, timeout_s: float = 5.0) -> dict[int, int]:
         """Each partition's end now (its high watermark: the offset the next event will get);
@@ -101,30 +131,38 @@ class GroupLag:
         aborted events) up to the mark or its end. Raises TimeoutError when that read does not
         finish within ``timeout_s``.
         """
+        with closing(self._events_in(topic, starts, marks, time.monotonic() + timeout_s)) as events:
+            return next(events, None) is not None
+
+    def _events_in(self, topic: str, starts: dict[int, int], marks: dict[int, int],
+                   deadline: float) -> Iterator[int]:
+        """The partition of each committed event at or after its partition's start and before its
+        mark, as read (read_committed: markers and aborted events are skipped). Stopped early, it
+        reads no further. Raises TimeoutError past ``deadline``."""
         behind = {p: start for p, start in starts.items() if start < marks.get(p, 0)}
         if not behind:
-            return False
+            return
         if self._probe is None:
             self._probe = make_consumer(self.settings, f"{self.settings.topic_prefix}probe-{uuid.uuid4().hex[:12]}",
                                         **{"enable.partition.eof": True, "fetch.wait.max.ms": 10})
         self._probe.assign([TopicPartition(topic, p, start) for p, start in behind.items()])
-        deadline = time.monotonic() + timeout_s
         try:
             while behind:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"reading {topic} partitions {sorted(behind)} took over {timeout_s:.0f} s")
+                    raise TimeoutError(f"reading {topic} partitions {sorted(behind)} took too long")
                 message = self._probe.poll(0.2)
                 if message is None or message.partition() not in behind:
                     continue
-                error = message.error()
+                partition, error = message.partition(), message.error()
                 if error is not None and error.code() != KafkaError._PARTITION_EOF:
                     if error.fatal():
                         raise KafkaException(error)
                     continue
-                if error is None and message.offset() < marks[message.partition()]:
-                    return True
-                del behind[message.partition()]  # at its end, or past the mark: nothing in between
-            return False
+                if error is None and message.offset() < marks[partition]:
+                    yield partition
+                    if message.offset() + 1 < marks[partition]:
+                        continue
+                del behind[partition]  # at its end, or at its mark: nothing more in between
         finally:
             self._probe.unassign()
 
