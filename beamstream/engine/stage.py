@@ -246,7 +246,10 @@ class Stage:
         try:
             self.producer = self._new_producer()
         except KafkaException as exc:
-            self.consumer.close()
+            try:
+                self.consumer.close()
+            except (KafkaException, RuntimeError):
+                pass  # one that never reached the cluster may refuse to close; the producer's error is the one to tell
             raise StageError(f"{self.name}: cannot start a transactional producer on Kafka at "
                              f"{self.settings.kafka_bootstrap}: {exc.args[0].str()}{_hint(exc.args[0])}") from None
         if self.exactly_once and self.stall_limit_s is not None:

@@ -21,7 +21,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException
 
 from beamstream.engine import table as table_module
-from beamstream.engine.stage import Backoff, Processor, Stage, StageError
+from beamstream.engine.stage import Backoff, KafkaClients, Processor, Stage, StageError
 from beamstream.engine.table import ChangelogTable
 from beamstream.platform.settings import load_settings
 from tests.helpers.fake_kafka import FakeBroker, kafka_error
@@ -927,4 +927,21 @@ def test_a_producer_refused_by_acls_says_so_rather_than_asking_whether_the_clust
     stage = Stage(settings, GROUP, ["in"], Recorder(), clients=broker.clients(), stall_limit_s=None)
 
     with pytest.raises(StageError, match=r"authorization failed \(check the Kafka user's ACLs and credentials\)"):
+        stage.open()
+
+
+def test_a_consumer_that_fails_to_close_does_not_hide_why_the_stage_could_not_start(broker, settings):
+    broker.fail_next("make_producer", kafka_error(KafkaError._TIMED_OUT, reason="init_transactions timed out"))
+
+    def consumer_refusing_to_close(*args, **kwargs):
+        consumer = broker.make_consumer(*args, **kwargs)
+
+        def close():
+            raise KafkaException(KafkaError(KafkaError._DESTROY, "Local: Broker handle destroyed"))
+        consumer.close = close
+        return consumer
+
+    clients = KafkaClients(consumer=consumer_refusing_to_close, producer=broker.make_producer)
+    stage = Stage(settings, GROUP, ["in"], Recorder(), clients=clients, stall_limit_s=None)
+    with pytest.raises(StageError, match="init_transactions timed out"):
         stage.open()
