@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -82,25 +84,37 @@ class CallLimit:
     The call itself goes on (it cannot be interrupted) on a thread that is then abandoned, with the
     producer it holds; the caller must not use that producer again. Calls of a healthy cluster take
     milliseconds, so the limit only has to be longer than a slow commit on a loaded machine and
-    short enough that results flow again within seconds of the broker's return."""
+    short enough that results flow again within seconds of the broker's return. The helper thread is
+    a daemon: a call that never returns must not keep the process from exiting."""
 
     def __init__(self, limit_s: float) -> None:
         self.limit_s = limit_s
         self.abandoned = 0  # calls left blocked
-        self._pool: futures.ThreadPoolExecutor | None = None
+        self._calls: queue.SimpleQueue | None = None
 
     def __call__(self, call: Callable[[], None], what: str) -> None:
         """Run ``call`` (``what`` names it in the error); raises what it raises, or :class:`TransactionStuck`."""
-        if self._pool is None:
-            self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix="transaction-call")
-        future = self._pool.submit(call)
+        if self._calls is None:
+            self._calls = queue.SimpleQueue()
+            threading.Thread(target=_serve_calls, args=(self._calls,), name="transaction-call", daemon=True).start()
+        future: futures.Future = futures.Future()
+        self._calls.put((call, future))
         try:
             future.result(self.limit_s)
         except futures.TimeoutError:
-            self._pool.shutdown(wait=False)  # its one thread stays blocked in librdkafka until the call returns
-            self._pool = None
+            self._calls.put(None)  # the thread ends once the stuck call returns, if it ever does
+            self._calls = None
             self.abandoned += 1
             raise TransactionStuck(f"{what} did not return within {self.limit_s:g} s") from None
+
+
+def _serve_calls(calls: queue.SimpleQueue) -> None:
+    while (item := calls.get()) is not None:
+        call, future = item
+        try:
+            future.set_result(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
+            future.set_exception(exc)
 
 
 def _unlimited(call: Callable[[], None], what: str) -> None:

@@ -428,3 +428,30 @@ def test_atomic_writer_turns_a_system_error_out_of_flush_into_an_aborted_transac
             writer.produce(OutRecord("out", b"k", b"v"))
 
     assert producer.aborted_transactions == 1 and broker.values("out") == []
+
+
+def test_a_call_past_its_limit_is_abandoned_on_a_daemon_thread_and_the_next_call_gets_a_fresh_one():
+    import threading
+
+    from beamstream.engine.transactions import CallLimit, TransactionStuck
+
+    limit = CallLimit(0.1)
+    release = threading.Event()
+    ran_on: list[threading.Thread] = []
+
+    def stuck():
+        ran_on.append(threading.current_thread())
+        release.wait(10)
+
+    with pytest.raises(TransactionStuck, match="commit_transaction did not return within 0.1 s"):
+        limit(stuck, "commit_transaction")
+    # A call that never returns must not keep the process from exiting.
+    assert ran_on[0].daemon and ran_on[0].is_alive() and limit.abandoned == 1
+
+    limit(lambda: ran_on.append(threading.current_thread()), "send_offsets_to_transaction")
+    assert ran_on[1] is not ran_on[0]
+    with pytest.raises(ValueError, match="refused"):
+        limit(lambda: (_ for _ in ()).throw(ValueError("refused")), "commit_transaction")
+    release.set()
+    ran_on[0].join(5)
+    assert not ran_on[0].is_alive()
