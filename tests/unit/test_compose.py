@@ -22,10 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from beamstream.cli.main import build_parser
 from beamstream.operations import cluster, local_security, registry
 from beamstream.operations.artifacts import load_lock
+from beamstream.platform import metrics
 from beamstream.platform.settings import ENV_PREFIX, LOCAL_SERVICE_USER, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +35,8 @@ DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 KAFKA_SCRIPTS = DOCKER / "kafka"
 INSTALL_COMPOSE = ROOT / "scripts" / "install-compose"
+PROMETHEUS_CONFIG = DOCKER / "prometheus" / "prometheus.yml"
+GRAFANA = DOCKER / "grafana"
 #: What docker/.env holds in a deployment (docker/new-env writes it); dummies that pass the scripts' checks.
 SECRETS = {
     "ISPYB_DB_PASSWORD": "test-password-not-used",
@@ -41,12 +45,14 @@ SECRETS = {
     "KAFKA_REGISTRY_PASSWORD": "registry-password-for-tests",
     "KAFKA_UI_PASSWORD": "kafka-ui-password-for-tests",
     "DASHBOARD_TOKENS": "staff:token-for-tests",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-password-for-tests",
 }
 #: Variables the environment may hold besides the settings themselves.
 EXTRA_VARIABLES = {f"{ENV_PREFIX}SASL_PASSWORD_FILE", f"{ENV_PREFIX}CONFIG",
                    f"{ENV_PREFIX}LOCAL_KAFKA_ADMIN_PASSWORD_FILE"}
 SERVICES = {"kafka", "kafka-security", "topics", "schema-registry", "kafka-ui", "mariadb", "ispyb-schema",
-            "worker", "ispyb-sink", "archiver", "gda-feedback", "dashboard", "monitor"}
+            "worker", "ispyb-sink", "archiver", "gda-feedback", "dashboard", "monitor", "prometheus",
+            "grafana"}
 ONE_SHOT = {"kafka-security", "topics", "ispyb-schema"}
 #: What docker/kafka/*.sh accept as a password: it goes unquoted into SCRAM and JAAS configuration.
 PASSWORD = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
@@ -314,6 +320,138 @@ def test_monitor_only_observes_in_compose() -> None:
     monitor = load_compose()["services"]["monitor"]
     # Compose cannot be scaled from inside; the operator runs `docker compose up --scale worker=N`.
     assert monitor["command"][:1] == ["monitor"] and "--observe-only" in monitor["command"]
+
+
+# -- Prometheus and Grafana ----------------------------------------------------------------------------------
+
+def exported_metric_names() -> set[str]:
+    """Every series name Beamstream's services export, as Prometheus stores it (``_total`` of a counter,
+    ``_bucket``/``_sum``/``_count`` of a histogram), from the registries of beamstream/platform/metrics.py."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "gauge": ("",), "summary": ("", "_sum", "_count", "_created"), "info": ("_info",)}
+    names: set[str] = set()
+    for source in {id(r): r for r in vars(metrics).values() if isinstance(r, CollectorRegistry)}.values():
+        for family in source.collect():
+            names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+    return names
+
+
+def container_mount(service: dict, source: str) -> str:
+    """Where ``service`` mounts the host path ``source`` (relative to docker/, as compose.yaml writes it)."""
+    targets = [v.split(":")[1] for v in service.get("volumes", []) if v.split(":")[0] == source]
+    assert len(targets) == 1, f"{source} is not mounted once: {service.get('volumes')}"
+    return targets[0]
+
+
+def option(command: list[str], name: str) -> str:
+    """The value of ``--name=value`` in a container's command."""
+    [value] = [part.split("=", 1)[1] for part in command if part.startswith(f"--{name}=")]
+    return value
+
+
+def scrape_targets(config: dict) -> dict[str, set[tuple[str, int]]]:
+    """{job: {(host, port)}} of a Prometheus configuration's static and DNS-discovered targets."""
+    jobs: dict[str, set[tuple[str, int]]] = {}
+    for job in config["scrape_configs"]:
+        targets = jobs.setdefault(job["job_name"], set())
+        for static in job.get("static_configs", []):
+            targets.update((host, int(port)) for host, port in (t.rsplit(":", 1) for t in static["targets"]))
+        for dns in job.get("dns_sd_configs", []):
+            assert dns["type"] == "A", job["job_name"]  # an A lookup names every replica; SRV needs records we lack
+            targets.update((name, int(dns["port"])) for name in dns["names"])
+    return jobs
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is missing: run scripts/dev-setup (it installs Debian's prometheus, which ships it)",
+                    pytrace=False)
+    done = subprocess.run([promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout + done.stderr
+
+
+def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
+    compose = load_compose()
+    prometheus = compose["services"]["prometheus"]
+    # The file compose mounts is the file Prometheus reads, and it listens on the port it publishes.
+    assert container_mount(prometheus, "./prometheus/prometheus.yml") == option(prometheus["command"], "config.file")
+    listen = int(option(prometheus["command"], "web.listen-address").rsplit(":", 1)[1])
+    assert prometheus["ports"] == [f"127.0.0.1:{listen}:{listen}"]
+    jobs = scrape_targets(yaml.safe_load(PROMETHEUS_CONFIG.read_text()))
+    parser = build_parser()
+    long_running = {name: s for name, s in beamstream_services(compose).items() if name not in ONE_SHOT}
+    assert {"worker", "ispyb-sink", "archiver", "gda-feedback", "monitor", "dashboard"} <= set(long_running)
+    for name, service in long_running.items():
+        args = parser.parse_args(service["command"])
+        # The dashboard serves /metrics on its web port; every other service on --metrics-port.
+        port = args.port if name == "dashboard" else args.metrics_port
+        assert port is not None, f"{name} serves no metrics: add --metrics-port to its command"
+        assert jobs.get(name) == {(name, port)}, f"job {name} scrapes {jobs.get(name)}, not {name}:{port}"
+    replicated = {name for name, s in compose["services"].items() if s.get("deploy", {}).get("replicas", 1) > 1}
+    config = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
+    for name in replicated:  # a static target would reach one replica of them, whichever Docker's DNS picked
+        assert "dns_sd_configs" in config[name] and "static_configs" not in config[name], name
+    # Nothing scraped that compose does not run (Prometheus itself answers on localhost).
+    assert jobs.pop("prometheus") == {("localhost", listen)}
+    assert {host for targets in jobs.values() for host, _ in targets} <= set(long_running)
+
+
+def test_grafana_provisions_prometheus_and_the_dashboard() -> None:
+    compose = load_compose()
+    grafana, prometheus = compose["services"]["grafana"], compose["services"]["prometheus"]
+    provisioning = container_mount(grafana, "./grafana/provisioning")
+    assert provisioning == "/etc/grafana/provisioning"  # where Grafana looks (its paths.provisioning)
+    [datasource] = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"]
+    listen = option(prometheus["command"], "web.listen-address").rsplit(":", 1)[1]
+    assert datasource["type"] == "prometheus" and datasource["url"] == f"http://prometheus:{listen}"
+    [provider] = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "beamstream.yaml").read_text())[
+        "providers"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"] == container_mount(grafana, "./grafana/dashboards")
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(provider["options"]["path"] + "/") and (GRAFANA / "dashboards" / Path(home).name).is_file()
+    # The admin password comes from .env as a secret file, never from the file or a default.
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana["environment"]
+    dashboard = json.loads((GRAFANA / "dashboards" / "beamstream.json").read_text())
+    for panel in dashboard["panels"]:
+        for ref in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
+            assert ref == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    """{panel title: its PromQL expressions} of docker/grafana/dashboards/beamstream.json."""
+    dashboard = json.loads((GRAFANA / "dashboards" / "beamstream.json").read_text())
+    return {panel["title"]: [target["expr"] for target in panel["targets"]] for panel in dashboard["panels"]}
+
+
+def test_grafana_dashboard_queries_metrics_the_services_export() -> None:
+    dashboard = json.loads((GRAFANA / "dashboards" / "beamstream.json").read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and dashboard["uid"]
+    queries = dashboard_queries()
+    exported = exported_metric_names()
+    used: set[str] = set()
+    for title, expressions in queries.items():
+        assert expressions and all(e.strip() for e in expressions), f"{title}: a target without a query"
+        for expression in expressions:
+            assert expression.count("(") == expression.count(")"), f"{title}: {expression}"
+            names = set(re.findall(r"\bbeamstream_\w+", expression))
+            assert names <= exported, f"{title}: no service exports {sorted(names - exported)}"
+            used |= names
+    # The panels staff need: rates, latency, lag, dead letters, workers, ISPyB rows, archives.
+    needed = {"beamstream_worker_images_analysed_total", "beamstream_worker_result_latency_seconds_bucket",
+              "beamstream_monitor_lag", "beamstream_consumer_lag", "beamstream_worker_dead_letters_total",
+              "beamstream_ispyb_sink_dead_letters_total", "beamstream_archiver_dead_letters_total",
+              "beamstream_monitor_workers", "beamstream_monitor_target_workers",
+              "beamstream_ispyb_sink_rows_written_total", "beamstream_archiver_collections_archived_total"}
+    assert needed <= used, f"no panel shows {sorted(needed - used)}"
+    latency = " ".join(queries["Result latency (image arrival to result)"])
+    assert "histogram_quantile(0.5," in latency and "histogram_quantile(0.99," in latency
 
 
 # -- docker/kafka/*.sh against stand-ins for the image's Kafka tools ---------------------------------------
