@@ -88,6 +88,8 @@ def test_an_image_published_twice_gets_one_result_across_a_worker_kill(kafka_set
                 publisher.publish([events[n] for n in numbers])
                 publisher.publish([events[n] for n in numbers])
             wait_until_analysed(settings)
+            # Committed is not yet read: this reader's group may still be joining (the session's first test).
+            reader.wait_for(lambda: len(reader.values("results", "ImageResult", dcid)) >= 40, 60, "40 results")
             assert len(reader.values("results", "ImageResult", dcid)) == 40
             publisher.publish([events[n] for n in range(1, 21)])  # long after their results were committed
             wait_until_analysed(settings)
