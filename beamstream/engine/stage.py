@@ -20,14 +20,16 @@ One step of the loop (:meth:`Stage.step`):
 3. ``commit``: the outputs, the tables' changelog records and the consumed offsets
    (with the group metadata, KIP-447) in one transaction. Committed: the tables commit
    their buffers. Aborted: the tables drop them, every partition with queued events is
-   rewound and the events are processed again. A fatal error: a new producer, and the
-   consumer rewound to its committed offsets.
+   rewound and the events are processed again. A fatal error, or a transactional call
+   stuck past ``call_limit_s`` (librdkafka after a broker restart): a new producer with
+   the same transactional id (which fences the old one and settles its transaction), then
+   the committed offsets say whether the batch committed or is processed again.
 
 A processor that cannot go on for now (the ISPyB database is down) raises
 :class:`Backoff`: nothing of the batch is committed, its partitions are rewound and
 paused, and the stage keeps polling (so it keeps its partitions) until the wait is over.
-A commit that hangs inside librdkafka past ``stall_limit_s`` ends the process with
-:data:`STALLED_EXIT_CODE` (see :meth:`Stage._watch_for_stalls`).
+A batch that cannot be settled within ``stall_limit_s`` (Kafka stopped, not just restarted)
+ends the process with :data:`STALLED_EXIT_CODE` (see :meth:`Stage._watch_for_stalls`).
 """
 
 from __future__ import annotations
@@ -284,12 +286,12 @@ class Stage:
             self.producer.flush(10)
 
     def _watch_for_stalls(self) -> None:
-        """End the process when a commit has hung for ``stall_limit_s``.
-
-        librdkafka can block inside a transactional call past its timeout after a broker restart
-        (confluentinc/librdkafka#5456, #5511). A blocked C call cannot be interrupted, and the
-        open transaction is aborted by the broker once this process is gone; so exit at once and
-        let the supervisor (systemd, Kubernetes, `beamstream monitor`) start a fresh process."""
+        """End the process when a commit, with the producer replacements it took, has not settled for
+        ``stall_limit_s``: the last resort. A call stuck in librdkafka after a broker restart
+        (confluentinc/librdkafka#5456, #5511) is abandoned after ``call_limit_s`` and its producer
+        replaced; what is left is a cluster that answers nothing (stopped, partitioned away) or a
+        call outside that limit. The broker aborts this process's open transaction once it is gone,
+        and the supervisor (systemd, Kubernetes, `beamstream monitor`) starts a fresh one."""
         while not self.stop_requested.wait(1.0):
             if self.stalled_for > self.stall_limit_s:
                 log.critical("stage stalled in a Kafka transaction, the process exits for a restart",
