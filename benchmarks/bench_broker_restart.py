@@ -87,12 +87,9 @@ def answered(reader: TopicReader) -> Counter:
 
 def result_times(reader: TopicReader) -> dict[int, float]:
     """First time each image's result was read."""
-    with reader._lock:
-        pairs = zip(reader.records["results"], reader.received_at["results"], strict=True)
-        times: dict[int, float] = {}
-        for (name, value), at in pairs:
-            if name == "ImageResult":
-                times.setdefault(value["image_number"], at)
+    times: dict[int, float] = {}
+    for at, value in reader.arrivals("results", "ImageResult"):
+        times.setdefault(value["image_number"], at)
     return times
 
 

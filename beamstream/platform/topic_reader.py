@@ -52,6 +52,14 @@ class TopicReader:
             return [v for name, v in self.records[logical_topic]
                     if (record_type is None or name == record_type) and (dcid is None or v.get("dcid") == dcid)]
 
+    def arrivals(self, logical_topic: str, record_type: str | None = None,
+                 dcid: int | None = None) -> list[tuple[float, dict]]:
+        """(epoch seconds when read, value) of the records :meth:`values` would give, in reading order."""
+        with self._lock:
+            return [(at, v) for (name, v), at in zip(self.records[logical_topic], self.received_at[logical_topic],
+                                                     strict=True)
+                    if (record_type is None or name == record_type) and (dcid is None or v.get("dcid") == dcid)]
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -19,7 +19,7 @@ import pytest
 
 from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
 from beamstream.streams import collection_state as cs
-from tests.helpers.faults import record_fault
+from tests.helpers.faults import longest_pause, record_fault
 from tests.helpers.harness import ServiceProcess, Supervisor, TopicReader
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.fault]
@@ -58,13 +58,6 @@ def changelog_topic(settings) -> str:
     return f"{settings.topic_prefix}workers-collections-changelog"
 
 
-def longest_pause(reader: TopicReader) -> float:
-    """The longest time between two results arriving at ``reader`` (how long a fault stopped them)."""
-    with reader._lock:
-        times = sorted(reader.received_at["results"])
-    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
-
-
 def assert_exactly_once(reader: TopicReader, settings, dcid: int, fault: str | None = None,
                         recovery_s: float | None = None) -> None:
     """The three statements of the module docstring; with ``fault``, what was counted is recorded first."""
@@ -93,7 +86,8 @@ def assert_exactly_once(reader: TopicReader, settings, dcid: int, fault: str | N
     missing = sorted(set(range(1, N_IMAGES + 1)) - set(counts))
     if fault is not None:
         record_fault(fault, images=N_IMAGES, lost=len(missing), duplicated=sum(counts[n] - 1 for n in duplicated),
-                     recovery_s=longest_pause(reader) if recovery_s is None else recovery_s)
+                     recovery_s=longest_pause([at for at, _ in reader.arrivals("results")]) if recovery_s is None
+                     else recovery_s)
     assert not duplicated, f"images with more than one result: {duplicated[:20]}"
     if missing:  # lost by the producer or by the workers? The images topic says which.
         announced = {v["image_number"] for v in reader.values("images", "ImageArrived", dcid)}

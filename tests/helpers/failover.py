@@ -12,7 +12,6 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from beamstream.platform.settings import Settings, load_settings
 from beamstream.platform.topics import apply_topics, declared_topics, topic_name
 from tests.conftest import OWNER_FILE
 from tests.e2e.test_pipeline_eos import N_IMAGES, WORKER_ARGS, publish_gridscan
+from tests.helpers.faults import longest_pause
 from tests.helpers.harness import ServiceProcess, Supervisor, TopicReader
 
 TRANSACTION_STATE = "__transaction_state"
@@ -191,13 +191,6 @@ def leadership(settings: Settings) -> Leadership:
     return counts
 
 
-def longest_pause(received_at: list[float], since: float) -> float:
-    """The longest time between consecutive arrivals that ends after ``since`` (the kill)."""
-    times = sorted(received_at)
-    gaps = [later - earlier for earlier, later in pairwise(times) if later > since]
-    return max(gaps, default=0.0)
-
-
 @dataclass
 class FailoverOutcome:
     """One grid scan with its busiest leader SIGKILLed: what was killed, and what arrived."""
@@ -263,6 +256,4 @@ def _count(reader: TopicReader, dcid: int) -> tuple[int, int, int]:
 
 
 def _result_times(reader: TopicReader, dcid: int) -> list[float]:
-    with reader._lock:
-        return [at for (_, value), at in zip(reader.records["results"], reader.received_at["results"], strict=True)
-                if value.get("dcid") == dcid]
+    return [at for at, _ in reader.arrivals("results", dcid=dcid)]

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+from itertools import pairwise
 from pathlib import Path
 
 REPORT_ENV = "BEAMSTREAM_FAULT_REPORT"
@@ -27,6 +28,13 @@ def fault_seed() -> int:
 def fault_random(name: str) -> random.Random:
     """A random generator for fault ``name``, seeded by the run's seed and the name."""
     return random.Random(f"{fault_seed()}:{name}")
+
+
+def longest_pause(arrival_times: list[float], since: float = 0.0) -> float:
+    """The longest time between consecutive arrivals that ends after ``since`` (a kill): how long a fault
+    stopped them."""
+    times = sorted(arrival_times)
+    return max((later - earlier for earlier, later in pairwise(times) if later > since), default=0.0)
 
 
 def record_fault(fault: str, *, images: int, lost: int, duplicated: int, recovery_s: float | None,
