@@ -34,7 +34,7 @@ from beamstream.producers.watcher import watch
 from beamstream.schemas.serde import SerdeError, make_serde
 from tests.conftest import OWNER_FILE
 from tests.helpers.faults import record_fault
-from tests.helpers.harness import ServiceProcess, Supervisor, TopicReader, free_port_pair, service_env
+from tests.helpers.harness import ServiceProcess, Supervisor, TopicReader, free_port_pair, service_env, wait_until
 
 SMALL = "eiger2-1m"
 
@@ -54,15 +54,6 @@ def unreachable(home: Path, **extra) -> Settings:
 def beamstream(settings: Settings, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "beamstream", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=service_env(settings, **(env or {})), **popen)
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def read_events(settings: Settings, dcid: int, until, timeout: float = 120) -> list[dict]:

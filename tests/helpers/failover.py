@@ -91,16 +91,26 @@ def fresh_settings(cluster: LocalCluster, partitions: int = 6) -> Settings:
     names = {spec.name(settings) for spec in declared_topics(settings)}
     admin = make_admin(settings)
     deadline = time.monotonic() + 30
-    while not names <= set(admin.list_topics(timeout=10).topics) and time.monotonic() < deadline:
+    while not names <= set(admin.list_topics(timeout=10).topics):
+        assert time.monotonic() < deadline, f"the cluster's metadata still lacks {names} after 30 s"
         time.sleep(0.2)
     return settings
 
 
-def partition_leaders(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
-    """(topic, partition) -> id of the node leading it, from the cluster's metadata."""
-    metadata = make_admin(settings).list_topics(timeout=10)
-    return {(topic, number): partition.leader
-            for topic in topics for number, partition in metadata.topics[topic].partitions.items()}
+def partition_leaders(settings: Settings, topics: list[str], timeout: float = 30.0) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> id of the node leading it, from the cluster's metadata. Each node answers
+    from its own copy of the metadata, which learns of a new topic or leader on its own time: ask until
+    an answer names a leader for every partition of ``topics``."""
+    admin = make_admin(settings)
+    deadline = time.monotonic() + timeout
+    while True:
+        metadata = admin.list_topics(timeout=10)
+        known = [metadata.topics[topic] for topic in topics if topic in metadata.topics]
+        if len(known) == len(topics) and all(p.leader >= 0 for topic in known for p in topic.partitions.values()):
+            return {(topic.topic, number): partition.leader
+                    for topic in known for number, partition in topic.partitions.items()}
+        assert time.monotonic() < deadline, f"no leader for every partition of {topics} after {timeout:.0f} s"
+        time.sleep(0.2)
 
 
 def wait_fully_replicated(settings: Settings, nodes: int = 3, timeout: float = 60.0) -> None:

@@ -17,6 +17,16 @@ from beamstream.platform.topic_reader import TopicReader
 __all__ = ["ServiceProcess", "Supervisor", "TopicReader", "free_port_pair", "read_decoded", "service_env"]
 
 
+def wait_until(predicate, timeout: float, what: str, every: float = 0.2) -> None:
+    """Ask ``predicate()`` every ``every`` seconds until it is true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def free_port_pair() -> int:
     """A port p such that p and p+1 are both free on loopback."""
     for _ in range(50):

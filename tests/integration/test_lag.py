@@ -21,7 +21,7 @@ from beamstream.platform.lag import EXACT_WITHIN, GroupLag
 from beamstream.platform.settings import load_settings
 from beamstream.platform.topics import group_name, topic_name
 from beamstream.producers.events import EventPublisher, collection_ended, collection_started, image_arrived
-from tests.helpers.harness import ServiceProcess, TopicReader, free_port_pair, service_env
+from tests.helpers.harness import ServiceProcess, TopicReader, free_port_pair, service_env, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -121,7 +121,11 @@ def test_lag_counts_events_not_transaction_markers(kafka_settings):
     lag = GroupLag(settings)
     try:
         _consume(consumer, 3 * len(partitions))
-        done = lag.progress(group, topic, timeout_s=15)
+        # The coordinator writes a transaction's markers after commit_transaction and abort_transaction
+        # return, and a partition's read_committed end moves only then: wait for the abort's marker.
+        wait_until(lambda: lag.progress(group, topic, timeout_s=15).end == 3 * 2 * len(partitions) + 2, 15,
+                   "the aborted transaction's marker")
+        done = lag.progress(group, topic)
         # Offsets alone: the last commit marker of every partition, and partition 0's aborted event and marker.
         assert done.end - done.committed == len(partitions) + 2
         assert done.lag == 0 and done.members == 1
@@ -130,7 +134,10 @@ def test_lag_counts_events_not_transaction_markers(kafka_settings):
         for p in [0, *partitions]:
             writer.produce(topic, b"late", partition=p)
         writer.commit_transaction(10)
-        assert lag.progress(group, topic).lag == 5
+        counted = []
+        wait_until(lambda: counted.append(lag.progress(group, topic).lag) or counted[-1] == 5, 15,
+                   "a lag of 5")
+        assert max(counted) == 5  # never more than the events written
         _consume(consumer, 2)
         assert lag.progress(group, topic).lag == 3
 
