@@ -37,7 +37,7 @@ from beamstream.diffraction.centring import GridShape
 from beamstream.diffraction.detectors import PRESETS, get_preset
 from beamstream.diffraction.synthetic import SyntheticSpec, generate_image
 from beamstream.errors import BeamstreamError
-from beamstream.platform.settings import Settings
+from beamstream.platform.settings import Settings, path_within_roots
 from beamstream.producers.events import collection_ended, collection_started
 from beamstream.producers.publishing import Publisher, SpooledPublisher, drain_spool, open_publisher, publish
 from beamstream.producers.staging import CbfStager, NexusStager, Release
@@ -281,9 +281,7 @@ def _options(settings, rate_hz, detector, fmt, out_dir, seed, dcid, frames_per_f
         raise SimulationError("poll interval must be positive and the watch grace period >= 0")
     directory = Path(out_dir).expanduser() if out_dir is not None else settings.home / "simulated"
     directory = directory.absolute()  # events are read by workers with other working directories
-    if settings.data_roots and not any(
-        directory.resolve().is_relative_to(Path(root).resolve()) for root in settings.data_roots
-    ):
+    if not path_within_roots(str(directory), settings.data_roots):
         raise SimulationError(f"output folder {directory} is outside the configured data roots "
                               f"({', '.join(settings.data_roots)}); workers would refuse its images")
     return _Options(settings, float(rate_hz), key, fmt, directory, int(seed),

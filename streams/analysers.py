@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -84,12 +83,3 @@ def timed_noop_analysis(seconds: float) -> Analyser:
 noop_analysis.backend = "noop"  # type: ignore[attr-defined]
 
 
-def path_within_roots(path: str, roots: tuple[str, ...]) -> bool:
-    """True when ``path`` lies inside one of ``roots`` (any path when no roots are configured)."""
-    if not roots:
-        return True
-    try:
-        resolved = Path(path).resolve()
-    except (ValueError, OSError, RuntimeError):  # a NUL byte in the path, a symlink loop: no file in a root
-        return False
-    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)

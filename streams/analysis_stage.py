@@ -29,12 +29,12 @@ from beamstream.engine.stage import Processor
 from beamstream.engine.transactions import Output
 from beamstream.platform import metrics
 from beamstream.platform.retained import header_count
-from beamstream.platform.settings import Settings
+from beamstream.platform.settings import Settings, path_within_roots
 from beamstream.platform.topics import topic_name
 from beamstream.producers.replay import REPLAYED_HEADER
 from beamstream.schemas.keys import dcid_key
 from beamstream.schemas.serde import Serde, SerdeError
-from beamstream.streams.analysers import Analyser, noop_analysis, path_within_roots
+from beamstream.streams.analysers import Analyser, noop_analysis
 from beamstream.streams.answered_images import DEFAULT_RETENTION_S, AnsweredImages, ImageEvent
 
 log = logging.getLogger(__name__)

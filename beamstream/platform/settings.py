@@ -309,3 +309,15 @@ def _local_scram_client(settings: Settings) -> Settings:
         sasl_username=settings.sasl_username or LOCAL_SERVICE_USER,
         sasl_password=password,
     )
+
+
+def path_within_roots(path: str, roots: tuple[str, ...]) -> bool:
+    """True when ``path`` lies inside one of ``roots`` (any path when no roots are configured:
+    ``Settings.data_roots`` empty)."""
+    if not roots:
+        return True
+    try:
+        resolved = Path(path).resolve()
+    except (ValueError, OSError, RuntimeError):  # a NUL byte in the path, a symlink loop: no file in a root
+        return False
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)

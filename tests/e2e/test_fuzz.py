@@ -26,12 +26,11 @@ from beamstream.connectors.ispyb_collections import create_collection
 from beamstream.connectors.ispyb_mapping import RecordError, check_result, check_summary
 from beamstream.platform.lag import GroupLag
 from beamstream.platform.retained import Record, offset_bounds, open_reader, partitions_of, read_range
-from beamstream.platform.settings import Settings, load_settings
+from beamstream.platform.settings import Settings, load_settings, path_within_roots
 from beamstream.platform.topics import apply_topics, group_name, topic_name
 from beamstream.schemas.examples import example_event
 from beamstream.schemas.keys import dcid_key, image_key
 from beamstream.schemas.serde import SerdeError, SingleObjectSerde
-from beamstream.streams.analysers import path_within_roots
 from beamstream.streams.collection_state import event_problem
 from tests.helpers.fuzz import Fuzzer, FuzzMessage, fuzz_messages, fuzz_seed, interleave, produce_all
 from tests.helpers.harness import ServiceProcess, free_port_pair

@@ -16,10 +16,10 @@ from beamstream.connectors.manifests import ManifestError, build_manifest
 from beamstream.dashboard.web import _json
 from beamstream.engine.dead_letters import MAX_CARRIED_BYTES, dead_letter
 from beamstream.platform.retained import header_count
+from beamstream.platform.settings import path_within_roots
 from beamstream.schemas.examples import example_event
 from beamstream.schemas.serde import SINGLE_OBJECT_MAGIC, CorruptMessageError, SingleObjectSerde
 from beamstream.streams import collection_state as cs
-from beamstream.streams.analysers import path_within_roots
 from tests.helpers.fake_kafka import FakeMessage
 
 SERDE = SingleObjectSerde()
