@@ -20,6 +20,7 @@ from beamstream.platform.processes import alive
 from beamstream.platform.settings import Settings, load_settings
 from beamstream.platform.topics import apply_topics
 from tests.helpers.harness import free_port_pair
+from tests.helpers.programs import require_program
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -110,7 +111,8 @@ class MariaDB:
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             # CI installs MariaDB: a server that cannot start is a failure, never a skip.
-            pytest.fail(f"scripts/mariadb {action} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+            pytest.fail(f"scripts/mariadb {action} failed ({done.returncode}): {done.stderr.strip()[-2000:]}",
+                        pytrace=False)
 
     def start(self) -> None:
         """Start (or restart) the server; returns once it answers."""
@@ -124,6 +126,9 @@ class MariaDB:
 @pytest.fixture(scope="session")
 def mariadb(tmp_path_factory) -> Iterator[MariaDB]:
     """A MariaDB server for the whole session on a free loopback port, data in a temporary directory."""
+    # Checked before the script, which as root would apt-get the server mid-run: packages are dev-setup's job.
+    for program in ("mariadbd", "mariadb-install-db", "mariadb", "mariadb-admin"):
+        require_program(program)
     server = MariaDB(tmp_path_factory.mktemp("mariadb"), free_port_pair())
     server.start()
     try:

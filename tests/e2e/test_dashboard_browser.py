@@ -26,8 +26,8 @@ from beamstream.platform.settings import load_settings
 from beamstream.producers.events import EventPublisher, collection_started, image_arrived
 from tests.helpers.harness import ServiceProcess, free_port_pair, service_env
 from tests.helpers.metrics_helpers import scrape, value
+from tests.helpers.programs import require_program
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -87,8 +87,7 @@ def _thaumatin(data_dir: Path, number: int, target: Path) -> Path:
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_settings, data_dir, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/dev-setup (it installs Debian's chromium)")
+    chromium = require_program("chromium")
     sync_api = pytest.importorskip("playwright.sync_api")
     from beamstream.producers.simulator import simulate_gridscan
 
@@ -102,7 +101,7 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
     server = DashboardProcess(settings, tmp_path / "dashboard.log", f"browser-test:{TOKEN}")
     try:
         with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(server.url)
             page.wait_for_selector("#collection-rows")

@@ -15,7 +15,6 @@ values' bytes as they are; they are decoded the same way.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from beamstream.schemas.keys import dcid_key
 from beamstream.schemas.serde import make_serde
 from tests.helpers.harness import ServiceProcess, TopicReader
 from tests.helpers.kafka_tools import console_consume
+from tests.helpers.programs import require_program
 from tests.helpers.registry import running_registry
 
 pytestmark = [pytest.mark.kafka]
@@ -59,10 +59,7 @@ def settings(kafka_settings: Settings, registry: LocalRegistry) -> Settings:
 @pytest.fixture
 def kcat() -> str:
     """Debian's kcat, or the test fails at once with the package to install."""
-    path = shutil.which("kcat")
-    if path is None:
-        pytest.fail("kcat is missing: sudo apt-get install kcat (scripts/dev-setup installs it when run as root)")
-    return path
+    return require_program("kcat")
 
 
 def kcat_consume(settings: Settings, topic: str, isolation: str) -> list[bytes]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import socket
 import subprocess
 import time
@@ -26,6 +25,7 @@ from beamstream.schemas.keys import dcid_key
 from tests.helpers.harness import ServiceProcess, free_port_pair
 from tests.helpers.ispyb_helpers import publish_raw
 from tests.helpers.metrics_helpers import scrape
+from tests.helpers.programs import require_program
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -39,11 +39,7 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "docker" / "grafana" / "dashbo
 class Prometheus:
     """A private Prometheus server: ``prometheus`` with a config of ours, scraping every second."""
 
-    def __init__(self, tmp_path: Path, targets: dict[str, int]) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            pytest.fail("prometheus is missing: run scripts/dev-setup (it installs Debian's prometheus)",
-                        pytrace=False)
+    def __init__(self, binary: str, tmp_path: Path, targets: dict[str, int]) -> None:
         self.port = free_port_pair()
         config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
                   "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
@@ -126,6 +122,7 @@ def _le_text(bound: float) -> str:
 
 
 def test_prometheus_scrapes_the_pipeline_and_answers_promql(kafka_settings, tmp_path):
+    binary = require_program("prometheus")  # before any service starts, so that none is left running
     settings = kafka_settings
     data = tmp_path / "data"
     data.mkdir()
@@ -157,7 +154,7 @@ def test_prometheus_scrapes_the_pipeline_and_answers_promql(kafka_settings, tmp_
         ]
         for service in services:
             service.start()
-        prometheus = Prometheus(tmp_path, ports)
+        prometheus = Prometheus(binary, tmp_path, ports)
         try:
             prometheus.wait_for("up == 1", lambda r: {s["metric"]["job"] for s in r} == set(ports),
                                 "every service scraped", services, timeout=60)

@@ -29,6 +29,7 @@ from beamstream.operations import cluster, local_security, registry
 from beamstream.operations.artifacts import load_lock
 from beamstream.platform import metrics
 from beamstream.platform.settings import ENV_PREFIX, LOCAL_SERVICE_USER, Settings, load_settings
+from tests.helpers.programs import require_program
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -363,10 +364,7 @@ def scrape_targets(config: dict) -> dict[str, set[tuple[str, int]]]:
 
 
 def test_prometheus_config_passes_promtool() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is missing: run scripts/dev-setup (it installs Debian's prometheus, which ships it)",
-                    pytrace=False)
+    promtool = require_program("promtool")
     done = subprocess.run([promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
