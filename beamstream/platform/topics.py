@@ -7,6 +7,7 @@ configs that differ; it never deletes data or shrinks anything.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from beamstream.errors import BeamstreamError
@@ -161,8 +162,14 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
             except KafkaException as exc:
                 if exc.args[0].code() != exc.args[0].TOPIC_ALREADY_EXISTS:
                     raise TopicError(f"creating topic {name} failed: {exc.args[0].str()}") from None
-                changes.append(TopicChange(name, "unchanged", "created concurrently"))
+        # The controller has the new topics once create_topics answers; each broker learns of them on its
+        # own time. Wait until the metadata lists them: whoever applied them uses them next. Topics refused
+        # as already there were created since the listing (or its broker had not learnt of them yet): they
+        # are checked (partitions, configs) like the others.
+        existing = _listed_with(admin, {s.name(settings) for s in to_create}, timeout)
 
+    created = {change.topic for change in changes}
+    existing = {name: topic for name, topic in existing.items() if name not in created}
     growing = {s.name(settings): (len(existing[s.name(settings)].partitions), s.partitions) for s in specs
                if s.name(settings) in existing and len(existing[s.name(settings)].partitions) < s.partitions}
     if growing:
@@ -205,6 +212,20 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
         elif have >= spec.partitions and settings.replication_factor <= replicas:
             changes.append(TopicChange(name, "unchanged"))
     return changes
+
+
+def _listed_with(admin, names: set[str], timeout: float) -> dict:
+    """The cluster's topics, asked again until the answer has ``names`` (each broker learns of a new
+    topic on its own time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        existing = admin.list_topics(timeout=timeout).topics
+        if names <= set(existing):
+            return existing
+        if time.monotonic() > deadline:
+            raise TopicError(f"topics {', '.join(sorted(names - set(existing)))} exist but the cluster's metadata "
+                             f"did not list them within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def replication_configs(settings: Settings, replicas: int) -> dict[str, str]:

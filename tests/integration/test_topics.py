@@ -1,6 +1,8 @@
 """Topics declared in code, applied idempotently to a real broker."""
 
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
@@ -29,6 +31,21 @@ def test_apply_is_idempotent_and_grows_partitions(kafka_settings):
     assert changes[images].action == "partitions" and changes[images].detail == "4 -> 6"
     rows = {r["topic"]: r for r in list_topics(grown)}
     assert rows[images]["partitions"] == 6
+
+
+def test_applies_racing_to_create_the_topics_each_check_them_all(kafka_settings):
+    """Two applies of a new prefix at once: each topic is created by one of them, and the other, refused
+    with "already exists", still checks it (partitions and configs) instead of passing it over."""
+    settings = load_settings(bootstrap_servers=kafka_settings.bootstrap_servers,
+                             topic_prefix=f"race{uuid.uuid4().hex[:8]}.", image_partitions=3)
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: {c.topic: (c.action, c.detail) for c in apply_topics(settings)}, range(2))
+    names = {spec.name(settings) for spec in declared_topics(settings)}
+    assert set(first) == set(second) == names
+    for name in names:
+        # "unchanged" with no detail: checked like any existing topic (it used to say "created concurrently")
+        assert sorted([first[name], second[name]]) == [("created", ""), ("unchanged", "")], name
+    assert {r["partitions"] for r in list_topics(settings) if r["topic"] == f"{settings.topic_prefix}images"} == {3}
 
 
 def test_apply_restores_a_changed_config(kafka_settings):
