@@ -17,7 +17,7 @@ from beamstream.errors import BeamstreamError
 #: Modules under beamstream.commands, each with ``register(subparsers)``.
 COMMAND_MODULES = ("cluster", "topics", "config", "demo", "analyse", "worker", "watch", "simulate", "feedback",
                    "dlq", "archiver", "replay", "ispyb_sink", "ispyb_schema", "go",
-                   "dashboard", "monitor", "spool")
+                   "dashboard", "monitor", "spool", "bluesky_bridge")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

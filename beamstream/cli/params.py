@@ -136,3 +136,11 @@ def detector_name(text: str) -> str:
         return detector_key(text)
     except SimulationError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def kafka_topic(text: str) -> str:
+    """A topic name as Kafka allows it: 1-249 characters of ``a-z A-Z 0-9 . _ -``, not ``.`` or ``..``."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+    _refuse_unless(0 < len(text) <= 249 and set(text) <= allowed and text not in (".", ".."),
+                   f"expected a topic name (1-249 of a-z A-Z 0-9 . _ -), got {text!r}")
+    return text

@@ -7,9 +7,9 @@ dashboard process serves ``/metrics`` with the pipeline as seen on the topics
 scraping both never counts an image twice.
 
 The sinks (``beamstream_ispyb_sink_*``, ``beamstream_archiver_*``,
-``beamstream_feedback_*``) and the process monitor (``beamstream_monitor_*``) each
-keep their metrics in a registry of their own (:data:`ISPYB_SINK_REGISTRY`, ...),
-so a service's ``/metrics`` lists its own work and its process, not other
+``beamstream_feedback_*``), the Bluesky bridge (``beamstream_bluesky_bridge_*``) and the
+process monitor (``beamstream_monitor_*``) each keep their metrics in a registry of their own
+(:data:`ISPYB_SINK_REGISTRY`, ...), so a service's ``/metrics`` lists its own work and its process, not other
 services' counters stuck at zero.
 
 Every call here is cheap (a lock-free-ish counter update), so the hot path can call
@@ -143,6 +143,18 @@ FEEDBACK_LATENCY = Histogram("beamstream_feedback_latency_seconds",
                              "From the image's arrival event to its PIA datagram sent",
                              buckets=_LATENCY_BUCKETS, registry=FEEDBACK_REGISTRY)
 
+# -- Bluesky bridge ----------------------------------------------------------------------
+BLUESKY_BRIDGE_REGISTRY = _service_registry()
+BRIDGE_DOCUMENTS = Counter("beamstream_bluesky_bridge_documents_consumed",
+                           "Bluesky documents whose offsets the bridge committed, by document name",
+                           ["document"], registry=BLUESKY_BRIDGE_REGISTRY)
+BRIDGE_EVENTS = Counter("beamstream_bluesky_bridge_events_produced",
+                        "Beamstream events the bridge committed, by record type", ["record_type"],
+                        registry=BLUESKY_BRIDGE_REGISTRY)
+BRIDGE_DEAD_LETTERS = Counter("beamstream_bluesky_bridge_dead_letters",
+                              "Document messages the bridge sent to the dead-letter topic", ["error_type"],
+                              registry=BLUESKY_BRIDGE_REGISTRY)
+
 # -- process monitor ---------------------------------------------------------------------
 MONITOR_REGISTRY = _service_registry()
 MONITOR_WORKERS = Gauge("beamstream_monitor_workers", "Analysis workers now (local: started; observe-only: members)",
@@ -262,6 +274,17 @@ def datagram_sent(latency_s: float) -> None:
 def feedback_skipped(error_type: str) -> None:
     """One result the feedback service skipped, by the error's type."""
     FEEDBACK_SKIPPED.labels(error_type=error_type or "unknown").inc()
+
+
+def bridge_committed(documents: dict[str, int], events: dict[str, int], dead_letters: dict[str, int]) -> None:
+    """One committed batch of the Bluesky bridge: documents by name, events by record type, dead letters by
+    error type."""
+    for name, count in documents.items():
+        BRIDGE_DOCUMENTS.labels(document=name).inc(count)
+    for record_type, count in events.items():
+        BRIDGE_EVENTS.labels(record_type=record_type).inc(count)
+    for error_type, count in dead_letters.items():
+        BRIDGE_DEAD_LETTERS.labels(error_type=error_type or "unknown").inc(count)
 
 
 def log_record_dropped(reason: str) -> None:

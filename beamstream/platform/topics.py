@@ -88,6 +88,12 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
                   {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
                   "Changelog of the images answered per images partition and collection (JSON); compacted, "
                   "collections expire after the workers' retention (tombstones)."),
+        # The Bluesky bridge's runs in progress (beamstream.connectors.bluesky_bridge). Its inputs are
+        # bluesky-kafka's document topics, not ours: a document topic may have at most this many partitions.
+        TopicSpec("bluesky-bridge-changelog", (), n,
+                  {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                  "Changelog of the Bluesky bridge's run in progress per document topic and publisher key "
+                  "(JSON); compacted, a tombstone when the run stops."),
         TopicSpec("monitor", ("MonitorEvent",), 1,
                   {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
                   "The process monitor's observations, scaling decisions and warnings."),

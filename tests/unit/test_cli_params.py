@@ -163,7 +163,8 @@ def test_a_bad_value_on_a_real_command_line_is_one_line(capsys, argv, prog, mess
 
 # -- the common service options ---------------------------------------------------------------
 
-SERVICES = {"worker": [], "monitor": [], "archiver": [], "ispyb-sink": [], "feedback": ["--udp", "gda:9877"]}
+SERVICES = {"worker": [], "monitor": [], "archiver": [], "ispyb-sink": [], "feedback": ["--udp", "gda:9877"],
+            "bluesky-bridge": ["--topic", "i03.bluesky.runengine.documents"]}
 
 
 @pytest.mark.parametrize("command", sorted(SERVICES))
