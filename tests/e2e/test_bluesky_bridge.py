@@ -15,25 +15,23 @@ import bluesky.plans as bp
 import pytest
 from bluesky.run_engine import RunEngine
 from bluesky_kafka import Publisher
-from confluent_kafka.admin import NewTopic
 from event_model import compose_run
 from ophyd_async import sim
 from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
 
 from beamstream.connectors.bluesky_bridge import BlueskyBridge
-from beamstream.platform.kafka_clients import make_admin, make_producer
+from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.retained import read_topic
 from beamstream.platform.settings import Settings, load_settings
 from beamstream.platform.topics import topic_name
 from beamstream.schemas.serde import make_serde
+from tests.helpers.bluesky import PUBLISHER_KEY, create_document_topic, publisher_for
 from tests.helpers.cli_run import one_line_error, run_cli
 from tests.helpers.faults import fault_random, record_fault
 from tests.helpers.harness import ServiceProcess, TopicReader, free_port_pair
 from tests.helpers.metrics_helpers import scrape, value
 
 pytestmark = pytest.mark.kafka
-
-KEY = "i03-re"  # the Publisher's key: every document of the beamline's RunEngine on one partition
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -85,20 +83,7 @@ def settings(kafka_settings, beamline) -> Settings:
 @pytest.fixture
 def document_topic(settings) -> str:
     """The beamline's document topic (bluesky-kafka's naming; the bridge expects it to exist)."""
-    name = f"{settings.topic_prefix}i03.bluesky.runengine.documents"
-    admin = make_admin(settings)  # kept while the future runs: a collected client cancels it
-    admin.create_topics([NewTopic(name, 1, 1)])[name].result(30)
-    # Created is not yet in every broker's metadata, which is what the bridge's start-up check reads.
-    deadline = time.monotonic() + 30
-    while name not in admin.list_topics(timeout=10).topics:
-        assert time.monotonic() < deadline, f"{name} never appeared in the metadata"
-        time.sleep(0.1)
-    return name
-
-
-def publisher_for(settings: Settings, topic: str) -> Publisher:
-    return Publisher(topic=topic, bootstrap_servers=settings.kafka_bootstrap, key=KEY,
-                     producer_config={"enable.idempotence": True}, flush_on_stop_doc=True)
+    return create_document_topic(settings, f"{settings.topic_prefix}i03.bluesky.runengine.documents")
 
 
 def image_events(settings: Settings, dcid: int) -> list[dict]:
@@ -243,7 +228,7 @@ def test_bad_documents_go_to_the_dead_letter_topic_and_the_run_around_them_is_tr
                       ("stream_resource", resource.stream_resource_doc), *datum_and_event(0)]:
         publisher(name, doc)
     publisher.flush()
-    garbage.produce(document_topic, b"\x93not a bluesky document", KEY.encode())
+    garbage.produce(document_topic, b"\x93not a bluesky document", PUBLISHER_KEY.encode())
     garbage.flush(10)
     for name, doc in [("event", orphan), ("stream_resource", unknown.stream_resource_doc),
                       ("stream_resource", outside.stream_resource_doc), *datum_and_event(1),
@@ -274,7 +259,7 @@ def test_bad_documents_go_to_the_dead_letter_topic_and_the_run_around_them_is_tr
     assert "unknown detector data key 'mystery-det'" in reasons[2]
     assert "/elsewhere/run.h5 is outside the data roots" in reasons[3] and data in reasons[3]
     assert all(d["source_topic"] == document_topic and d["service"] == f"bluesky-bridge/{document_topic}"
-               and d["key"] == KEY.encode() for d in dead)
+               and d["key"] == PUBLISHER_KEY.encode() for d in dead)
     assert dead[0]["payload"] == b"\x93not a bluesky document" and [d["dcid"] for d in dead] == [None] + [dcid] * 3
 
     [started] = reader.values("collections", "CollectionStarted", dcid=dcid)

@@ -1,6 +1,7 @@
 """Bluesky in, results back to the plan: a real RunEngine drives a grid scan of ophyd-async simulated motors
-and the synthetic EIGER over a crystal at a known position; the in-process callback publishes the run, a
-real worker analyses the NeXus frames, and the plan moves the motors to the X-ray centre it gets back."""
+and the synthetic EIGER over a crystal at a known position; the run reaches Beamstream through the
+in-process callback, or through bluesky-kafka's Publisher and the bluesky-bridge service; a real worker
+analyses the NeXus frames, and the plan moves the motors to the X-ray centre it gets back."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from beamstream.producers.bluesky_plans import (
     move_to_xray_centre,
     wait_for_summary,
 )
+from tests.helpers.bluesky import create_document_topic, publisher_for
 from tests.helpers.harness import ServiceProcess, TopicReader
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -54,13 +56,21 @@ def beamline(folder, name: str):
     return engine, x, y, eiger
 
 
-def test_a_grid_scan_plan_gets_the_xray_centre_and_moves_there(settings, tmp_path):
+@pytest.mark.parametrize("path", ["callback", "bluesky-kafka"])
+def test_a_grid_scan_plan_gets_the_xray_centre_and_moves_there(settings, tmp_path, path):
     dcid = int(time.time() * 10) % 2_000_000_000
     reader = TopicReader(settings, ["collections", "images", "results", "deadletter"])
     worker = ServiceProcess(settings, tmp_path, "w", "--summary-timeout", "10", "--log-level", "warning").start()
     engine, x, y, eiger = beamline(tmp_path / "data", f"grid_{dcid}")
-    callback = BeamstreamCallback.open(settings)
-    engine.subscribe(callback)
+    if path == "callback":
+        callback = BeamstreamCallback.open(settings)
+        engine.subscribe(callback)
+        bridge = None
+    else:  # the beamline publishes its documents; the bridge announces the images
+        topic = create_document_topic(settings, f"{settings.topic_prefix}{dcid}.bluesky.runengine.documents")
+        engine.subscribe(publisher_for(settings, topic))
+        bridge = ServiceProcess(settings, tmp_path, "bridge", "--topic", topic, command="bluesky-bridge").start()
+        callback = None
     try:
         started = time.monotonic()
         result = engine(grid_scan_and_centre(settings, [eiger], y, 0.0, (ROWS - 1) * STEP_MM, ROWS, x, 0.0,
@@ -73,11 +83,13 @@ def test_a_grid_scan_plan_gets_the_xray_centre_and_moves_there(settings, tmp_pat
                         "every result")
         time.sleep(1)  # a duplicate result would be read by now
     finally:
-        callback.close()
+        if callback is not None:
+            callback.close()
         assert worker.terminate() == 0
+        assert bridge is None or bridge.terminate() == 0
         reader.close()
 
-    assert callback.errors == []
+    assert callback is None or callback.errors == []
     assert summary.complete and summary.images_analysed == ROWS * COLUMNS, summary.describe()
     x_mm, y_mm = summary.centre_mm
     assert abs(x_mm - CRYSTAL.x_mm) <= STEP_MM and abs(y_mm - CRYSTAL.y_mm) <= STEP_MM, summary.describe()
@@ -95,7 +107,7 @@ def test_a_grid_scan_plan_gets_the_xray_centre_and_moves_there(settings, tmp_pat
     assert (ended["images_collected"], ended["status"]) == (ROWS * COLUMNS, "success")
     # The frames the detector wrote were taken where the motors were, snaking along the rows.
     assert eiger.writer.positions[COLUMNS] == pytest.approx(((COLUMNS - 1) * STEP_MM, STEP_MM))
-    print(f"grid scan of {ROWS * COLUMNS} images to X-ray centre in {took:.1f} s")
+    print(f"grid scan of {ROWS * COLUMNS} images to X-ray centre in {took:.1f} s through the {path}")
 
 
 def test_bad_document_streams_give_their_one_line_reason(settings, tmp_path):
