@@ -6,4 +6,6 @@
 * :mod:`dashboard.actions` — reinject a dead letter, reprocess a collection.
 * :mod:`dashboard.web` — the aiohttp application: JSON API, ``/metrics`` and the static page.
 * :mod:`dashboard.server` — runs feed and web server together, in the foreground or a thread.
+* :mod:`dashboard.kafka_views` — read-only views of the cluster: topics, messages, consumer groups and their lag.
+* :mod:`dashboard.kafka_routes` — their ``GET /api/kafka/...`` routes, run off the event loop.
 """

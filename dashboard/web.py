@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from beamstream.dashboard import actions
+from beamstream.dashboard import actions, kafka_routes
 from beamstream.dashboard.auth import AuthError, Principal, authenticate
 from beamstream.dashboard.view import DashboardView
 from beamstream.errors import BeamstreamError
@@ -214,4 +214,5 @@ def create_app(settings: Settings, view: DashboardView) -> web.Application:
     app.router.add_get("/api/deadletters", dead_letters)
     app.router.add_get("/api/pipeline", pipeline)
     app.router.add_post("/api/deadletters/{dead_id}/reinject", reinject)
+    kafka_routes.add_routes(app, settings, _json)  # the read-only Kafka views: GET /api/kafka/...
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -53,6 +54,16 @@ class GroupProgress:
     lag: int  # events waiting for the group: counted where few offsets separate it from the end (see EXACT_WITHIN)
 
 
+@dataclass(frozen=True)
+class PartitionProgress:
+    """A group's position on one partition of a topic (the parts :class:`GroupProgress` sums)."""
+
+    end: int  # the partition's end (read_committed)
+    committed: int | None  # the group's committed offset; None where it never committed
+    position: int  # where the group goes on: its committed offset, else the first retained one
+    lag: int  # events waiting, counted as GroupProgress.lag is
+
+
 class GroupLag:
     """Measures consumer groups on topics with clients of its own that never join a group or fetch.
 
@@ -80,12 +91,19 @@ class GroupLag:
         right after a topic or group appears) are asked again within ``timeout_s``; then it raises
         KafkaException or TimeoutError. After :data:`REOPEN_AFTER_FAILURES` failures in a row the
         next measurement is made with new clients."""
+        return self._measured(lambda deadline: self._progress(group, topic, deadline), timeout_s)
+
+    def partition_progress(self, group: str, topic: str, timeout_s: float = 5.0) -> dict[int, PartitionProgress]:
+        """``group`` on each partition of ``topic`` now; asked again, raising and reopening as :meth:`progress`."""
+        return self._measured(lambda deadline: self._partitions(group, topic, deadline), timeout_s)
+
+    def _measured(self, measure: Callable[[float], T], timeout_s: float) -> T:
         if self.failures >= REOPEN_AFTER_FAILURES:
             self.close()
             self._open()
             self.failures = 0
         try:
-            measured = self._progress(group, topic, time.monotonic() + timeout_s)
+            measured = measure(time.monotonic() + timeout_s)
         except Exception:
             self.failures += 1
             raise
@@ -93,18 +111,24 @@ class GroupLag:
         return measured
 
     def _progress(self, group: str, topic: str, deadline: float) -> GroupProgress:
+        partitions = self._partitions(group, topic, deadline).values()
+        described = self.admin.describe_consumer_groups([group], request_timeout=_left(deadline))[group].result(
+            _left(deadline))
+        return GroupProgress(sum(p.end for p in partitions), sum(p.position for p in partitions),
+                             len(described.members), sum(p.lag for p in partitions))
+
+    def _partitions(self, group: str, topic: str, deadline: float) -> dict[int, PartitionProgress]:
         bounds = self._bounds(topic, deadline)
         raw = self._committed_raw(group, topic, sorted(bounds), deadline)
         ends = {partition: high for partition, (_, high) in bounds.items()}
-        committed = {partition: _from(raw, partition, low) for partition, (low, _) in bounds.items()}
-        behind = {p: ends[p] - committed[p] for p in ends if committed[p] < ends[p]}
-        near = {p: committed[p] for p, gap in behind.items() if gap <= EXACT_WITHIN}
+        positions = {partition: _from(raw, partition, low) for partition, (low, _) in bounds.items()}
+        behind = {p: ends[p] - positions[p] for p in ends if positions[p] < ends[p]}
+        near = {p: positions[p] for p, gap in behind.items() if gap <= EXACT_WITHIN}
         with closing(self._events_in(topic, near, ends, deadline)) as events:
-            counted = sum(1 for _ in events)
-        waiting = counted + sum(gap for p, gap in behind.items() if p not in near)
-        described = self.admin.describe_consumer_groups([group], request_timeout=_left(deadline))[group].result(
-            _left(deadline))
-        return GroupProgress(sum(ends.values()), sum(committed.values()), len(described.members), waiting)
+            counted = Counter(events)
+        return {p: PartitionProgress(ends[p], raw[p] if raw.get(p, -1) >= 0 else None, positions[p],
+                                     counted[p] if p in near else behind.get(p, 0))
+                for p in ends}
 
     def end_offsets(self, topic: str, partitions: list[int] | None = None, timeout_s: float = 5.0) -> dict[int, int]:
         """Each partition's end now (its high watermark: the offset the next event will get);
@@ -173,10 +197,25 @@ class GroupLag:
                     TopicPartition(topic, p), timeout=_left(deadline), cached=False), deadline)
                 for p in partitions}
 
-    def _committed_raw(self, group: str, topic: str, partitions: list[int], deadline: float) -> dict[int, int]:
+    def committed_topics(self, group: str, topics: list[str], timeout_s: float = 5.0) -> list[str]:
+        """Those of ``topics`` in which ``group`` has committed an offset (one request for them all)."""
+        deadline = time.monotonic() + timeout_s
+        metadata = self.watermarks.list_topics(timeout=_left(deadline)).topics
+        asked = [TopicPartition(t, p) for t in topics if t in metadata for p in metadata[t].partitions]
+        if not asked:
+            return []
+        reader = self._reader(group)
+        answer = _retrying(lambda: reader.committed(asked, timeout=_left(deadline)), deadline)
+        return sorted({tp.topic for tp in answer if tp.offset >= 0})
+
+    def _reader(self, group: str) -> Consumer:
         reader = self._committed.get(group)
         if reader is None:
             reader = self._committed[group] = make_consumer(self.settings, group)
+        return reader
+
+    def _committed_raw(self, group: str, topic: str, partitions: list[int], deadline: float) -> dict[int, int]:
+        reader = self._reader(group)
         answer = _retrying(lambda: reader.committed([TopicPartition(topic, p) for p in partitions],
                                                     timeout=_left(deadline)), deadline)
         return {tp.partition: tp.offset for tp in answer}

@@ -10,11 +10,7 @@ Screenshots go to the test's tmp dir and are copied to ``tests/e2e/artifacts/``.
 from __future__ import annotations
 
 import bz2
-import shutil
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,59 +20,13 @@ from beamstream.cli.commands.demo import register_collection
 from beamstream.connectors.ispyb_schema import create_schema, make_engine
 from beamstream.platform.settings import load_settings
 from beamstream.producers.events import EventPublisher, collection_started, image_arrived
-from tests.helpers.harness import ServiceProcess, free_port_pair, service_env
+from tests.helpers.dashboard import CHROMIUM_ARGS, DashboardProcess, screenshot
+from tests.helpers.harness import ServiceProcess, free_port_pair
 from tests.helpers.metrics_helpers import scrape, value
 from tests.helpers.programs import require_program
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 TOKEN = "tok-browser-test"
 ROTATION_DCID = 880_001
-
-
-def _screenshot(page, tmp_path: Path, name: str) -> Path:
-    """Save a full-page screenshot in the test's tmp dir and a copy under tests/e2e/artifacts/."""
-    path = tmp_path / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    ARTIFACTS.mkdir(exist_ok=True)
-    shutil.copy(path, ARTIFACTS / path.name)
-    return path
-
-
-class DashboardProcess:
-    """``beamstream dashboard`` as its own process, as deployed.
-
-    (Also because a dashboard served from a thread of this process, next to the in-process
-    broker launcher, made Playwright's start crash the test process with SIGSEGV.)
-    """
-
-    def __init__(self, settings, log_path: Path, token: str) -> None:
-        self.port = free_port_pair()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log_path = log_path
-        env = service_env(settings, BEAMSTREAM_DASHBOARD_TOKEN=token)
-        self.process = subprocess.Popen([sys.executable, "-m", "beamstream", "dashboard", "--port", str(self.port)],
-                                        env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "api/health", timeout=2):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.2)
-        raise AssertionError(f"the dashboard did not start: {log_path.read_text()[-2000:]}")
-
-    def stop(self) -> int | None:
-        self.process.terminate()
-        try:
-            return self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return None
 
 
 def _thaumatin(data_dir: Path, number: int, target: Path) -> Path:
@@ -116,7 +66,7 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
             try:
                 page.wait_for_selector("#xray-centre", state="attached", timeout=120_000)
             except sync_api.TimeoutError:
-                _screenshot(page, tmp_path, "dashboard-gridscan-failed")
+                screenshot(page, tmp_path, "dashboard-gridscan-failed")
                 detail = page.evaluate(f"fetch('/api/collections/{report.dcid}').then(r => r.text())")
                 pytest.fail(f"no X-ray centre in the page; the API says {detail[:1500]}; worker log: "
                             f"{worker.log_text()[-2000:]}")
@@ -132,7 +82,7 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
             # The pipeline panel: the scan's image events in the rates, the analysis group's lag measured.
             page.wait_for_selector("#lag-rows tr[data-group='analysis'][data-topic='images']", timeout=30_000)
             assert int(page.get_attribute("#rate-rows tr[data-topic='images']", "data-count")) >= 12
-            shot = _screenshot(page, tmp_path, "dashboard-gridscan")
+            shot = screenshot(page, tmp_path, "dashboard-gridscan")
             assert shot.stat().st_size > 10_000
 
             # -- a dead letter: image 2's file is not there yet ----------------------------------
@@ -147,13 +97,13 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
             try:
                 button = page.wait_for_selector("button.reinject", timeout=60_000)
             except sync_api.TimeoutError:
-                _screenshot(page, tmp_path, "dashboard-no-dead-letter")
+                screenshot(page, tmp_path, "dashboard-no-dead-letter")
                 pytest.fail(f"no dead letter in the page after 60 s; worker log: {worker.log_text()[-3000:]}; "
                             f"dashboard log: {server.log_path.read_text()[-1500:]}")
             dead_id = button.get_attribute("data-id")
             page.click(f"tr.collection[data-id='{ROTATION_DCID}']", timeout=30_000)
             page.wait_for_selector("#rotation-plot[data-points='1']", timeout=30_000)
-            _screenshot(page, tmp_path, "dashboard-dead-letter")
+            screenshot(page, tmp_path, "dashboard-dead-letter")
 
             # -- the cause is fixed; staff reinject from the page, giving the token when asked ------
             _thaumatin(data_dir, 2, frames[1])
@@ -177,7 +127,7 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
             assert "by browser-test" in page.inner_text(f"tr[data-id='{dead_id}'] td.resolved")
             assert page.locator(f"button.reinject[data-id='{dead_id}']").count() == 0
             assert page.get_attribute("#rotation-plot", "data-points") == "2"
-            _screenshot(page, tmp_path, "dashboard-reinjected")
+            screenshot(page, tmp_path, "dashboard-reinjected")
 
             # -- Prometheus: the worker's own counters, the dashboard's view of the topics ------------
             worker_metrics = scrape(metrics_port)
@@ -215,7 +165,7 @@ def test_heat_map_fills_and_a_dead_letter_is_reinjected_from_the_page(kafka_sett
             page.fill("#reprocess-params", "d_min")
             page.click("#reprocess")
             page.wait_for_selector("#message.error:has-text('is not key=value')", timeout=10_000)
-            _screenshot(page, tmp_path, "dashboard-reprocessed")
+            screenshot(page, tmp_path, "dashboard-reprocessed")
             browser.close()
     finally:
         assert server.stop() == 0, server.log_path.read_text()[-3000:]
