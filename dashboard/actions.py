@@ -66,7 +66,7 @@ def _read_dead_letters(settings: Settings, tries: int = 3):
 
 def reprocessing_available() -> bool:
     """True when the reprocessing producer (producers/go.py) is installed."""
-    return importlib.util.find_spec("producers.go") is not None
+    return importlib.util.find_spec("beamstream.producers.go") is not None
 
 
 def reprocess_collection(settings: Settings, dcid: int, parameters: dict[str, str], requested_by: str) -> dict:

@@ -82,3 +82,12 @@ def test_tests_and_benchmarks_import_the_installed_names_only() -> None:
     files = [path for folder in ("tests", "benchmarks") for path in (ROOT / folder).rglob("*.py")]
     offenders = [str(path.relative_to(ROOT)) for path in files if bare.search(path.read_text())]
     assert offenders == []
+
+
+def test_modules_named_in_strings_are_the_installed_names() -> None:
+    # find_spec("producers.go") and a fork server's preload list name modules in strings: a bare name
+    # only works run from the checkout, where it would also load a second copy of the module.
+    bare = re.compile(r"""["'](diffraction|schemas|streams|producers|connectors|dashboard)\.[a-z_]+["']""")
+    offenders = [f"{module}: {match.group(0)}" for module, path in _product_modules()
+                 for match in bare.finditer(path.read_text())]
+    assert offenders == []

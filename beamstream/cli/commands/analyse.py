@@ -180,7 +180,7 @@ def _analyse_parallel(jobs: list[Job], params, nproc: int) -> Iterator[dict]:
     science core imported already, so each starts in a fraction of a second.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["diffraction.analysis", "diffraction.readers"])
+    context.set_forkserver_preload(["beamstream.diffraction.analysis", "beamstream.diffraction.readers"])
     with ProcessPoolExecutor(max_workers=nproc, mp_context=context) as pool:
         futures = [pool.submit(analyse_job, job, params) for job in jobs]
         try:
