@@ -15,25 +15,12 @@ from confluent_kafka import TopicPartition
 
 from beamstream.platform.kafka_clients import make_consumer, make_producer
 from beamstream.platform.topics import topic_name
-from beamstream.producers.events import EventPublisher, collection_started, image_arrived
-from tests.helpers.dashboard import CHROMIUM_ARGS, DashboardProcess, screenshot
+from tests.helpers.dashboard import CHROMIUM_ARGS, DashboardProcess, publish_two_collections, screenshot
 from tests.helpers.programs import require_program
 
 #: Records written to each partition of ``results`` and where the group commits: lags 3, 0, 0, 2.
 WRITTEN = {0: 5, 1: 3, 2: 0, 3: 2}
 COMMITTED = {0: 2, 1: 3}
-
-
-def _publish(settings) -> float:
-    """Collection 101's six images, then (after the returned epoch time) collection 202's four."""
-    with EventPublisher(settings) as publisher:
-        publisher.publish([collection_started(101, file_template="/d/a_####.cbf", number_of_images=6)])
-        publisher.publish([image_arrived(101, n, f"/d/a_{n:04d}.cbf") for n in range(1, 7)])
-        time.sleep(0.05)  # the second batch's records get later timestamps than the first's
-        between = time.time()
-        time.sleep(0.05)
-        publisher.publish([image_arrived(202, n, f"/d/b_{n:04d}.cbf") for n in range(1, 5)])
-    return between
 
 
 def _group_with_lag(settings):
@@ -65,7 +52,7 @@ def test_staff_browse_topics_messages_and_groups_read_only(kafka_settings, tmp_p
     sync_api = pytest.importorskip("playwright.sync_api")
     settings = kafka_settings
     images, group = topic_name(settings, "images"), f"{settings.topic_prefix}kv-readers"
-    between = _publish(settings)
+    between = publish_two_collections(settings)
     member = _group_with_lag(settings)
     server = DashboardProcess(settings, tmp_path / "dashboard.log", "staff:unused-token")
     methods = []

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from beamstream.producers.events import EventPublisher, collection_started, image_arrived
 from tests.helpers.harness import free_port_pair, service_env
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -61,3 +62,16 @@ class DashboardProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return None
+
+
+def publish_two_collections(settings) -> float:
+    """Collection 101's six images in one transaction, then collection 202's four in a later one (CBF paths
+    under /d); returns an epoch time between the two, for browsing by time."""
+    with EventPublisher(settings) as publisher:
+        publisher.publish([collection_started(101, file_template="/d/a_####.cbf", number_of_images=6)])
+        publisher.publish([image_arrived(101, n, f"/d/a_{n:04d}.cbf") for n in range(1, 7)])
+        time.sleep(0.05)  # the second batch's records get later timestamps than the first's
+        between = time.time()
+        time.sleep(0.05)
+        publisher.publish([image_arrived(202, n, f"/d/b_{n:04d}.cbf") for n in range(1, 5)])
+    return between

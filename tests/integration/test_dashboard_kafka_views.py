@@ -19,8 +19,8 @@ from beamstream.dashboard.web import create_app
 from beamstream.platform.kafka_clients import make_admin, make_consumer, make_producer
 from beamstream.platform.settings import load_settings
 from beamstream.platform.topics import apply_topics, declared_topics, topic_name
-from beamstream.producers.events import EventPublisher, collection_started, image_arrived
 from beamstream.schemas.keys import image_key
+from tests.helpers.dashboard import publish_two_collections
 
 pytestmark = pytest.mark.kafka
 PARTITIONS = 4
@@ -56,13 +56,7 @@ def cluster(kafka_cluster):
                              topic_prefix=f"t{uuid.uuid4().hex[:10]}.", image_partitions=PARTITIONS)
     apply_topics(settings)
     images = topic_name(settings, "images")
-    with EventPublisher(settings) as publisher:
-        publisher.publish([collection_started(101, file_template="/d/a_####.cbf", number_of_images=6)])
-        publisher.publish([image_arrived(101, n, f"/d/a_{n:04d}.cbf") for n in range(1, 7)])
-        time.sleep(0.05)  # the second batch's records get later timestamps than the first's
-        between = time.time()
-        time.sleep(0.05)
-        publisher.publish([image_arrived(202, n, f"/d/b_{n:04d}.cbf") for n in range(1, 5)])
+    between = publish_two_collections(settings)
     plain = make_producer(settings)
     plain.produce(images, b"not avro", image_key(303, 1), partition=0, headers=[("origin", b"test")])
     plain.produce(images, b'{"state": "json"}', b"303:2", partition=0)
