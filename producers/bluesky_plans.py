@@ -17,6 +17,7 @@ or step by step::
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,10 +87,11 @@ class Summary:
         return outcome + f", X-ray centre at x {self.centre_mm[0]:.4f} mm, y {self.centre_mm[1]:.4f} mm"
 
 
-def wait_for_summary(settings: Settings, dcid: int, timeout_s: float, *, since: datetime | None = None) -> Summary:
+def wait_for_summary(settings: Settings, dcid: int, timeout_s: float, *, since: datetime | None = None,
+                     stop: threading.Event | None = None) -> Summary:
     """The summary of live collection ``dcid`` (not of a reprocessing job), once the workers publish it;
-    :class:`SummaryTimeout` if none comes within ``timeout_s`` seconds. Summaries published before the
-    call count: the topic is read from ``since`` (default: everything retained) onwards."""
+    :class:`SummaryTimeout` if none comes within ``timeout_s`` seconds, or once ``stop`` is set. Summaries
+    published before the call count: the topic is read from ``since`` (default: everything retained) onwards."""
     topic = topic_name(settings, "summaries")
     serde = make_serde(settings.schema_registry_url)
     key = dcid_key(dcid)
@@ -101,7 +103,7 @@ def wait_for_summary(settings: Settings, dcid: int, timeout_s: float, *, since: 
         if since is not None:
             starts = offsets_at(consumer, topic, since, {p: end for p, (_, end) in bounds.items()})
         consumer.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and not (stop is not None and stop.is_set()):
             message = consumer.poll(min(left, 0.5))
             if message is None:
                 continue
@@ -116,6 +118,8 @@ def wait_for_summary(settings: Settings, dcid: int, timeout_s: float, *, since: 
                 return Summary.from_value(decoded.value)
     finally:
         consumer.close()
+    if stop is not None and stop.is_set():
+        raise SummaryTimeout(f"stopped waiting for the summary of collection {dcid}")
     raise SummaryTimeout(f"no summary of collection {dcid} on {topic} within {timeout_s:g} s (are workers running, "
                          "and did the run announce its images?)")
 
@@ -125,8 +129,13 @@ def summary_plan(settings: Settings, dcid: int, timeout_s: float, *, since: date
     so the RunEngine keeps serving its devices meanwhile; its errors are raised into the plan."""
     import bluesky.plan_stubs as bps
 
+    stop = threading.Event()
+
     async def wait() -> Summary:
-        return await asyncio.to_thread(wait_for_summary, settings, dcid, timeout_s, since=since)
+        try:
+            return await asyncio.to_thread(wait_for_summary, settings, dcid, timeout_s, since=since, stop=stop)
+        finally:  # a plan aborted meanwhile cancels this; the reading thread then stops within 0.5 s
+            stop.set()
 
     [task] = yield from bps.wait_for([wait])
     return task.result()

@@ -172,7 +172,7 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
         # own time. Wait until the metadata lists them: whoever applied them uses them next. Topics refused
         # as already there were created since the listing (or its broker had not learnt of them yet): they
         # are checked (partitions, configs) like the others.
-        existing = _listed_with(admin, {s.name(settings) for s in to_create}, timeout)
+        existing = wait_until_listed(admin, {s.name(settings) for s in to_create}, timeout)
 
     created = {change.topic for change in changes}
     existing = {name: topic for name, topic in existing.items() if name not in created}
@@ -220,9 +220,9 @@ def apply_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]
     return changes
 
 
-def _listed_with(admin, names: set[str], timeout: float) -> dict:
-    """The cluster's topics, asked again until the answer has ``names`` (each broker learns of a new
-    topic on its own time)."""
+def wait_until_listed(admin, names: set[str], timeout: float) -> dict:
+    """The cluster's topics (name -> metadata), asked of ``admin`` again until the answer has ``names``:
+    each broker learns of a new topic on its own time. :class:`TopicError` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         existing = admin.list_topics(timeout=timeout).topics

@@ -24,8 +24,9 @@ from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.retained import read_topic
 from beamstream.platform.settings import Settings, load_settings
 from beamstream.platform.topics import topic_name
+from beamstream.producers.bluesky_beamline import create_document_topic
 from beamstream.schemas.serde import make_serde
-from tests.helpers.bluesky import PUBLISHER_KEY, create_document_topic, publisher_for
+from tests.helpers.bluesky import PUBLISHER_KEY, publisher_for
 from tests.helpers.cli_run import one_line_error, run_cli
 from tests.helpers.faults import fault_random, record_fault
 from tests.helpers.harness import ServiceProcess, TopicReader, free_port_pair

@@ -6,28 +6,25 @@ analyses the NeXus frames, and the plan moves the motors to the X-ray centre it 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 import uuid
 
-import bluesky.plan_stubs as bps
 import bluesky.plans as bp
 import pytest
-from bluesky import RunEngine
-from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
-from ophyd_async.sim import SimMotor
 
 from beamstream.platform.settings import load_settings
+from beamstream.producers.bluesky_beamline import create_document_topic, simulated_beamline
 from beamstream.producers.bluesky_callback import BeamstreamCallback
-from beamstream.producers.bluesky_detector import CrystalPosition, SyntheticEiger
+from beamstream.producers.bluesky_detector import CrystalPosition
 from beamstream.producers.bluesky_plans import (
     NoXrayCentre,
     Summary,
     SummaryTimeout,
-    grid_scan_and_centre,
     move_to_xray_centre,
     wait_for_summary,
 )
-from tests.helpers.bluesky import create_document_topic, publisher_for
+from tests.helpers.bluesky import publisher_for
 from tests.helpers.harness import ServiceProcess, TopicReader
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -45,40 +42,27 @@ def settings(kafka_settings, tmp_path):
                          data_roots=(str(tmp_path / "data"),))
 
 
-def beamline(folder, name: str):
-    """A RunEngine with two simulated motors and the synthetic EIGER writing series ``name`` into ``folder``."""
-    engine = RunEngine({}, call_returns_result=True)
-    with init_devices():
-        x = SimMotor()
-        y = SimMotor()
-        eiger = SyntheticEiger(StaticPathProvider(StaticFilenameProvider(name), folder), x.user_readback,
-                               y.user_readback, CRYSTAL, seed=3)
-    return engine, x, y, eiger
-
-
 @pytest.mark.parametrize("path", ["callback", "bluesky-kafka"])
 def test_a_grid_scan_plan_gets_the_xray_centre_and_moves_there(settings, tmp_path, path):
     dcid = int(time.time() * 10) % 2_000_000_000
     reader = TopicReader(settings, ["collections", "images", "results", "deadletter"])
     worker = ServiceProcess(settings, tmp_path, "w", "--summary-timeout", "10", "--log-level", "warning").start()
-    engine, x, y, eiger = beamline(tmp_path / "data", f"grid_{dcid}")
+    beamline = simulated_beamline(tmp_path / "data", f"grid_{dcid}", CRYSTAL, seed=3)
     if path == "callback":
         callback = BeamstreamCallback.open(settings)
-        engine.subscribe(callback)
+        beamline.engine.subscribe(callback)
         bridge = None
     else:  # the beamline publishes its documents; the bridge announces the images
         topic = create_document_topic(settings, f"{settings.topic_prefix}{dcid}.bluesky.runengine.documents")
-        engine.subscribe(publisher_for(settings, topic))
+        beamline.engine.subscribe(publisher_for(settings, topic))
         bridge = ServiceProcess(settings, tmp_path, "bridge", "--topic", topic, command="bluesky-bridge").start()
         callback = None
     try:
         started = time.monotonic()
-        result = engine(grid_scan_and_centre(settings, [eiger], y, 0.0, (ROWS - 1) * STEP_MM, ROWS, x, 0.0,
-                                             (COLUMNS - 1) * STEP_MM, COLUMNS, dcid=dcid, timeout_s=90,
-                                             md={"beamline": "sim"}))
+        summary = beamline.scan_and_centre(settings, ROWS, COLUMNS, STEP_MM, dcid=dcid, timeout_s=90,
+                                           md={"beamline": "sim"})
         took = time.monotonic() - started
-        summary: Summary = result.plan_result
-        at = (engine(bps.rd(x)).plan_result, engine(bps.rd(y)).plan_result)
+        at = beamline.where()
         reader.wait_for(lambda: len(reader.values("results", "ImageResult", dcid)) >= ROWS * COLUMNS, 30,
                         "every result")
         time.sleep(1)  # a duplicate result would be read by now
@@ -106,16 +90,17 @@ def test_a_grid_scan_plan_gets_the_xray_centre_and_moves_there(settings, tmp_pat
     [ended] = reader.values("collections", "CollectionEnded", dcid)
     assert (ended["images_collected"], ended["status"]) == (ROWS * COLUMNS, "success")
     # The frames the detector wrote were taken where the motors were, snaking along the rows.
-    assert eiger.writer.positions[COLUMNS] == pytest.approx(((COLUMNS - 1) * STEP_MM, STEP_MM))
+    assert beamline.eiger.writer.positions[COLUMNS] == pytest.approx(((COLUMNS - 1) * STEP_MM, STEP_MM))
     print(f"grid scan of {ROWS * COLUMNS} images to X-ray centre in {took:.1f} s through the {path}")
 
 
 def test_bad_document_streams_give_their_one_line_reason(settings, tmp_path):
     """Real documents of a small scan, spoilt three ways, through the callback to Kafka."""
-    engine, x, y, eiger = beamline(tmp_path / "data", "small")
+    beamline = simulated_beamline(tmp_path / "data", "small", CRYSTAL, seed=3)
     documents: list[tuple[str, dict]] = []
-    engine.subscribe(lambda name, doc: documents.append((name, copy.deepcopy(doc))))
-    engine(bp.grid_scan([eiger], y, 0.0, 0.1, 2, x, 0.0, 0.2, 3, snake_axes=True, md={"dcid": 1}))
+    beamline.engine.subscribe(lambda name, doc: documents.append((name, copy.deepcopy(doc))))
+    beamline.engine(bp.grid_scan([beamline.eiger], beamline.y, 0.0, 0.1, 2, beamline.x, 0.0, 0.2, 3, snake_axes=True,
+                                 md={"dcid": 1}))
     reader = TopicReader(settings, ["collections", "images"])
 
     def replay(dcid: int, roots=None, **change) -> BeamstreamCallback:
@@ -163,6 +148,10 @@ def test_a_plan_is_told_why_there_is_no_centre(settings):
     with pytest.raises(SummaryTimeout, match=f"no summary of collection {dcid} on .*summaries within 1 s"):
         wait_for_summary(settings, dcid, 1.0)
     assert time.monotonic() - started < 30
+    stop = threading.Event()  # what summary_plan sets when the plan is aborted while it waits
+    threading.Timer(0.5, stop.set).start()
+    with pytest.raises(SummaryTimeout, match=f"stopped waiting for the summary of collection {dcid}"):
+        wait_for_summary(settings, dcid, 600.0, stop=stop)
     incomplete = Summary.from_value({"dcid": 7, "status": "incomplete", "images_expected": 30,
                                      "images_analysed": 28, "missing_images": [4, 9], "xray_centre": None})
     with pytest.raises(NoXrayCentre, match="collection 7: incomplete, 28 of 30 images, missing 4, 9, no X-ray centre"):

@@ -4,13 +4,24 @@ It brings the local cluster up, starts analysis workers, simulates a grid scan
 through the real producers (files written at detector rate, a file watcher
 announcing them), and prints the heat map and the X-ray centre the pipeline
 computed, next to the crystal's true position.
+
+With ``--bluesky`` the grid scan is a real bluesky RunEngine plan instead
+(:func:`beamstream.producers.bluesky_plans.grid_scan_and_centre`): ophyd-async
+simulated motors and the synthetic EIGER over the same seed's crystal
+(:mod:`beamstream.producers.bluesky_beamline`), its documents published by the
+in-process callback, or with ``--bluesky-kafka`` by bluesky-kafka's Publisher to a
+document topic the ``bluesky-bridge`` service reads. The plan waits for the
+summary and moves the motors to the X-ray centre; the demo prints where they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,9 +32,16 @@ from beamstream.errors import BeamstreamError
 from beamstream.operations.cluster import LocalCluster
 from beamstream.platform.kafka_clients import require_kafka
 from beamstream.platform.processes import ServiceProcess
-from beamstream.platform.settings import Settings, load_settings
+from beamstream.platform.settings import Settings, load_settings, path_within_roots
 from beamstream.platform.topic_reader import TopicReader
 from beamstream.platform.topics import apply_topics
+
+#: The Bluesky demo's grid step: the simulator's default, so a seed puts the crystal where the simulator does.
+BLUESKY_STEP_MM = 0.02
+#: The modules ``--bluesky`` needs (the bluesky extra); ``--bluesky-kafka`` needs bluesky-kafka's too.
+BLUESKY_MODULES = ("bluesky", "ophyd_async", "event_model")
+#: The key of the demo RunEngine's documents on its document topic (one key: one partition, in order).
+DOCUMENT_KEY = "beamstream-demo"
 
 
 def register(subparsers) -> None:
@@ -46,6 +64,16 @@ def register(subparsers) -> None:
     parser.add_argument("--dashboard-port", type=port_or_zero, default=8080, metavar="PORT",
                         help="port of the web dashboard (default 8080; 0 picks a free one)")
     parser.add_argument("--no-dashboard", action="store_true", help="do not serve the web dashboard")
+    parser.add_argument("--bluesky", action="store_true",
+                        help="scan with a bluesky RunEngine plan instead of the simulator: ophyd-async simulated "
+                        "motors x and y (20 um steps, rows along y) and a synthetic EIGER over the seed's crystal, "
+                        "the run published by the in-process Beamstream callback; the plan waits for the summary "
+                        "and moves the motors to the X-ray centre (--rate does not apply: frames are taken as the "
+                        "motors arrive). Needs the bluesky extra: pip install -e '.[bluesky]'")
+    parser.add_argument("--bluesky-kafka", action="store_true",
+                        help="as --bluesky, but the RunEngine's documents go through bluesky-kafka's Publisher to "
+                        "a document topic the demo creates (<prefix>simulated.bluesky.runengine.documents), and "
+                        "a bluesky-bridge service turns them into image events")
     parser.set_defaults(func=run)
 
 
@@ -61,9 +89,10 @@ def ensure_cluster(settings: Settings) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo."""
-    from beamstream.producers.simulator import simulate_gridscan
-
+    through = _bluesky_path(args)
     settings = load_settings()
+    if through is not None:
+        _bluesky_folder(settings)  # refused before anything connects
     ensure_cluster(settings)
     changes = apply_topics(settings)
     print(f"topics: {len(changes)} declared, {sum(c.action == 'created' for c in changes)} created")
@@ -71,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     log_dir = settings.home / "demo-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     database = _prepare_database(settings)
-    reader = TopicReader(settings, ["results", "announce", "summaries", "archive"])
+    reader = TopicReader(settings, ["results", "announce", "summaries", "archive",
+                                    *(["collections"] if through is not None else [])])
     workers = [ServiceProcess(settings, log_dir, f"worker{i}", "--summary-timeout", "15").start()
                for i in range(args.workers)]
     workers.append(ServiceProcess(settings, log_dir, "ispyb-sink", command="ispyb-sink").start())
@@ -80,13 +110,10 @@ def run(args: argparse.Namespace) -> int:
     dashboard = None if args.no_dashboard else _start_dashboard(settings, args.dashboard_port)
     try:
         n_images = args.rows * args.cols
-        with tqdm(total=n_images, desc="images announced", unit="img", file=sys.stderr) as bar:
-            report = simulate_gridscan(settings, args.rows, args.cols, args.rate, detector=args.detector,
-                                       seed=args.seed, on_progress=bar.update)
-        print(f"simulated grid scan dcid {report.dcid}: {report.emitted} images of a {report.detector} "
-              f"in {Path(report.file_template).parent}")
-        register_collection(database, report)
-        summary = _wait_for_summary(reader, report.dcid, n_images)
+        if through is None:
+            report, summary = _simulated_scan(settings, args, database, reader)
+        else:
+            report, summary = _bluesky_scan(settings, args, through, database, reader, workers, log_dir)
         stored = _wait_for_rows(database, report.dcid, n_images)
         archived = _wait_for_archive(reader, report.dcid)
     finally:
@@ -96,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         if dashboard is not None and sys.exc_info()[0] is not None:
             dashboard.stop()
     _print_summary(summary, report)
+    if through is not None:
+        _print_motors(report)
     print(f"\nISPyB: {stored} rows for dcid {report.dcid} in ImageQualityIndicators at {settings.database_url}; "
           f"reprocess it with `beamstream go {report.dcid}` or from the dashboard")
     if archived is not None:
@@ -106,6 +135,187 @@ def run(args: argparse.Namespace) -> int:
     if dashboard is not None:
         _linger(dashboard)
     return 0
+
+
+def _simulated_scan(settings: Settings, args: argparse.Namespace, database, reader: TopicReader):
+    """The simulator's grid scan through the file watcher, registered in ISPyB; (its report, its summary)."""
+    from beamstream.producers.simulator import simulate_gridscan
+
+    n_images = args.rows * args.cols
+    with tqdm(total=n_images, desc="images announced", unit="img", file=sys.stderr) as bar:
+        report = simulate_gridscan(settings, args.rows, args.cols, args.rate, detector=args.detector,
+                                   seed=args.seed, on_progress=bar.update)
+    print(f"simulated grid scan dcid {report.dcid}: {report.emitted} images of a {report.detector} "
+          f"in {Path(report.file_template).parent}")
+    register_collection(database, report)
+    return report, _wait_for_summary(reader, report.dcid, n_images)
+
+
+# -- the Bluesky path ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlueskyScan:
+    """What the Bluesky demo's run announced (the fields :func:`register_collection` reads, from its
+    CollectionStarted), the truth to compare with, and where the plan left the motors."""
+
+    dcid: int
+    file_template: str
+    images: int
+    experiment_type: str
+    grid: dict
+    #: The crystal's true centre, (row, column) in 0-based grid units, and (x, y) in mm.
+    true_centre: tuple[float, float]
+    true_mm: tuple[float, float]
+    #: The X-ray centre the plan got, and the motors' positions after it moved them, (x, y) in mm.
+    centre_mm: tuple[float, float]
+    motors_mm: tuple[float, float]
+
+
+def _bluesky_path(args: argparse.Namespace) -> str | None:
+    """None without --bluesky/--bluesky-kafka, else how the run reaches Beamstream (``callback`` or
+    ``bluesky-kafka``), once the extra's modules and an EIGER detector are there."""
+    if not (args.bluesky or args.bluesky_kafka):
+        return None
+    needed = BLUESKY_MODULES + (("bluesky_kafka",) if args.bluesky_kafka else ())
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise BeamstreamError(f"{'--bluesky-kafka' if args.bluesky_kafka else '--bluesky'} needs the bluesky "
+                              f"extra: pip install -e '.[bluesky]' "
+                              f"(no module {', '.join(missing)})")
+    from beamstream.diffraction.detectors import PRESETS
+
+    eigers = [key for key, preset in PRESETS.items() if preset.file_format == "nexus"]
+    if args.detector not in eigers:
+        raise BeamstreamError(f"--bluesky draws with a synthetic EIGER; choose --detector "
+                              f"{' or '.join(key.replace('_', '-') for key in eigers)}")
+    return "bluesky-kafka" if args.bluesky_kafka else "callback"
+
+
+def _bluesky_folder(settings: Settings) -> Path:
+    """Where the Bluesky demo's detector writes: ``<home>/bluesky``, which must be inside the data roots."""
+    folder = (settings.home / "bluesky").absolute()
+    if not path_within_roots(str(folder), settings.data_roots):
+        raise BeamstreamError(f"the Bluesky demo writes into {folder}, outside the configured data roots "
+                              f"({', '.join(settings.data_roots)}); workers would refuse its images")
+    return folder
+
+
+def _bluesky_scan(settings: Settings, args: argparse.Namespace, through: str, database, reader: TopicReader,
+                  services: list[ServiceProcess], log_dir: Path) -> tuple[BlueskyScan, dict]:
+    """Run ``grid_scan_and_centre`` on the simulated beamline, register the collection in ISPyB; (what the
+    run did, its summary)."""
+    from beamstream.producers.bluesky_beamline import crystal_at, simulated_beamline
+    from beamstream.producers.simulator import SIMULATED_BEAMLINE, default_dcid, grid_crystal
+
+    dcid, n_images = default_dcid(), args.rows * args.cols
+    crystal = grid_crystal(args.rows, args.cols, args.seed)
+    folder = _bluesky_folder(settings)
+    beamline = simulated_beamline(folder, f"grid_{dcid}", crystal_at(crystal, BLUESKY_STEP_MM),
+                                  detector=args.detector, seed=args.seed)
+    close = _connect(beamline.engine, settings, through, services, log_dir)
+    print(f"Bluesky grid scan dcid {dcid}: a RunEngine plan over ophyd-async SimMotors (rows along y, columns "
+          f"along x, {BLUESKY_STEP_MM * 1000:g} um steps) with a synthetic {args.detector} writing into {folder}, "
+          f"published {'through bluesky-kafka and the bridge' if through == 'bluesky-kafka' else 'in process'}")
+    try:
+        with _AnalysedBar(reader, dcid, n_images) as bar:
+            summary = _scan_and_centre(beamline, settings, args.rows, args.cols, dcid,
+                                       md={"beamline": SIMULATED_BEAMLINE})
+            bar.finish(summary.images_analysed)
+    finally:
+        close()
+    started = _wait_for_start(reader, dcid)
+    position = beamline.crystal
+    scan = BlueskyScan(dcid=dcid, file_template=started["file_template"], images=started["number_of_images"],
+                       experiment_type=started["experiment_type"], grid=started["grid"], true_centre=crystal.centre,
+                       true_mm=(position.x_mm, position.y_mm), centre_mm=summary.centre_mm,
+                       motors_mm=beamline.where())
+    register_collection(database, scan)
+    return scan, summary.value
+
+
+def _scan_and_centre(beamline, settings: Settings, rows: int, columns: int, dcid: int, md: dict):
+    """The plan's summary; Ctrl-C (bluesky pauses the plan) aborts the run and stops the demo."""
+    import logging
+
+    from bluesky.utils import RunEngineInterrupted
+
+    try:
+        return beamline.scan_and_centre(settings, rows, columns, BLUESKY_STEP_MM, dcid=dcid,
+                                        timeout_s=180 + rows * columns, md=md)
+    except RunEngineInterrupted:  # nobody resumes a demo: end the run (its collection ends aborted)
+        logging.getLogger(beamline.engine.log.logger.name).setLevel(logging.CRITICAL)  # no traceback of the abort
+        beamline.engine.abort("interrupted")
+        raise KeyboardInterrupt from None
+
+
+def _connect(engine, settings: Settings, through: str, services: list[ServiceProcess], log_dir: Path):
+    """Subscribe what publishes the RunEngine's documents; returns what to call once the run is over."""
+    if through == "callback":
+        from beamstream.producers.bluesky_callback import BeamstreamCallback
+
+        callback = BeamstreamCallback.open(settings)
+        engine.subscribe(callback)
+        return callback.close
+    from beamstream.producers.bluesky_beamline import create_document_topic, document_publisher
+    from beamstream.producers.simulator import SIMULATED_BEAMLINE
+
+    topic = create_document_topic(settings, f"{settings.topic_prefix}{SIMULATED_BEAMLINE}.bluesky.runengine.documents")
+    services.append(ServiceProcess(settings, log_dir, "bluesky-bridge", "--topic", topic,
+                                   command="bluesky-bridge").start())
+    print(f"started the bluesky-bridge on document topic {topic}")
+    publisher = document_publisher(settings, topic, DOCUMENT_KEY)
+    engine.subscribe(publisher)
+    return publisher.flush
+
+
+class _AnalysedBar:
+    """The ``images analysed`` bar of a collection, kept up to date from a thread while a plan runs in this one."""
+
+    def __init__(self, reader: TopicReader, dcid: int, total: int) -> None:
+        self.reader, self.dcid = reader, dcid
+        self.bar = tqdm(total=total, desc="images analysed ", unit="img", file=sys.stderr)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="demo-progress", daemon=True)
+
+    def __enter__(self) -> _AnalysedBar:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.bar.close()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(0.2):
+            self._show(len(self.reader.values("results", "ImageResult", self.dcid)))
+
+    def _show(self, analysed: int) -> None:
+        if analysed > self.bar.n:
+            self.bar.update(analysed - self.bar.n)
+
+    def finish(self, analysed: int) -> None:
+        """Stop following; the bar shows ``analysed`` (the summary's count: results may still be on their way)."""
+        self._stop.set()
+        self._thread.join()
+        self._show(analysed)
+
+
+def _wait_for_start(reader: TopicReader, dcid: int, timeout: float = 30.0) -> dict:
+    """The run's CollectionStarted (the plan had its summary, so it is committed: the reader is catching up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        started = reader.values("collections", "CollectionStarted", dcid)
+        if started:
+            return started[0]
+        time.sleep(0.2)
+    raise BeamstreamError(f"the CollectionStarted of dcid {dcid} was not read within {timeout:.0f} s")
+
+
+def _print_motors(scan: BlueskyScan) -> None:
+    (x, y), (mx, my), (tx, ty) = scan.centre_mm, scan.motors_mm, scan.true_mm
+    print(f"the plan got the X-ray centre x {x:.4f} mm, y {y:.4f} mm and moved the motors there: "
+          f"motors now at x {mx:.4f} mm, y {my:.4f} mm")
+    print(f"true crystal position: x {tx:.4f} mm, y {ty:.4f} mm")
 
 
 def _linger(dashboard) -> None:
