@@ -2,7 +2,9 @@
 
 Two users exist: ``admin``, the broker itself and the only super user, and the
 ``beamstream`` service user every Beamstream client runs as, allowed only on the
-deployment's prefixed topics, consumer groups and transactional ids.
+deployment's prefixed topics, consumer groups and transactional ids (and on topics
+outside the prefix only where an operator grants :func:`read_topic_acls`, such as a
+beamline's Bluesky document topics).
 
 Passwords come from files (``BEAMSTREAM_LOCAL_KAFKA_ADMIN_PASSWORD_FILE``,
 ``BEAMSTREAM_SASL_PASSWORD[_FILE]``) or are generated on first start into
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,25 @@ def service_acls(prefix: str, user: str = LOCAL_SERVICE_USER) -> list:
     bindings.append(AclBinding(ResourceType.BROKER, "kafka-cluster", ResourcePatternType.LITERAL, principal, "*",
                                AclOperation.IDEMPOTENT_WRITE, allow))
     return bindings
+
+
+def read_topic_acls(topics: Iterable[str], user: str = LOCAL_SERVICE_USER) -> list:
+    """ACLs that let a service user read topics it does not own, outside the deployment's prefix: Read and
+    Describe on each topic by its literal name, nothing else. The Bluesky bridge needs these on the beamline's
+    document topics (bluesky-kafka names them ``<beamline>.bluesky.runengine.documents``); its consumer group,
+    transactional ids and output topics are under the prefix (:func:`service_acls`).
+    docker/kafka/setup-bluesky.sh grants the same in compose."""
+    from confluent_kafka.admin import (
+        AclBinding,
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    return [AclBinding(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, f"User:{user}", "*", operation,
+                       AclPermissionType.ALLOW)
+            for topic in dict.fromkeys(topics) for operation in (AclOperation.READ, AclOperation.DESCRIBE)]
 
 
 def grant_service_user(admin, settings: Settings, password: str, timeout: float = 30.0,

@@ -342,6 +342,91 @@ def test_a_worker_runs_as_the_service_user(scram_cluster, tmp_path) -> None:
     assert "authentication" not in (tmp_path / "worker.log").read_text().lower()
 
 
+def test_the_bluesky_bridge_runs_as_the_service_user_once_it_may_read_the_document_topic(scram_cluster,
+                                                                                        tmp_path) -> None:
+    """`beamstream bluesky-bridge` as the service user, on a beamline's document topic outside the prefix: refused
+    at start-up in one line naming the topic; with only local_security.read_topic_acls on it (Read and Describe,
+    what compose's bluesky-setup grants) besides the prefix ACLs, it joins its group, restores and writes its
+    changelog, and commits its events and a dead letter in transactions."""
+    from bluesky_kafka import Publisher
+    from event_model import compose_run
+
+    from beamstream.platform.topics import apply_topics
+    from beamstream.schemas.keys import parse_dcid_key
+    from beamstream.schemas.serde import make_serde
+    from tests.helpers.harness import TopicReader
+
+    settings, cluster, env = scram_cluster
+    apply_topics(settings)  # the bridge's changelog, images, collections, deadletter
+    topic = f"i03-{uuid.uuid4().hex[:6]}.bluesky.runengine.documents"
+    superuser = AdminClient(cluster.admin_config())  # kept referenced: a collected client cancels its futures
+    superuser.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+
+    refused = _beamstream(env, "bluesky-bridge", "--topic", topic)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+    assert refused.stderr.startswith(f"beamstream bluesky-bridge: error: document topic {topic} does not exist "
+                                     "(or this Kafka user may not describe it)"), refused.stderr
+    for future in superuser.create_acls(local_security.read_topic_acls([topic])).values():
+        future.result(30)
+
+    # The beamline's RunEngine publishes as a Kafka user of its own: here the super user.
+    beamline_login = {k: v for k, v in cluster.admin_config().items() if k != "bootstrap.servers"}
+    publisher = Publisher(topic=topic, bootstrap_servers=settings.kafka_bootstrap, key="i03-re",
+                          producer_config={**beamline_login, "enable.idempotence": True}, flush_on_stop_doc=True)
+    dcid = 910002
+    run = compose_run(metadata={"dcid": dcid, "detectors": ["det"], "num_points": 2, "experiment_type": "other"})
+    descriptor = run.compose_descriptor(name="primary", data_keys={
+        "det": {"dtype": "array", "shape": [1, 8, 8], "source": "sim", "external": "STREAM:"},
+        "x": {"dtype": "number", "shape": [], "source": "sim", "units": "mm"},
+    }, object_keys={"det": ["det"], "x": ["x"]})
+    resource = run.compose_stream_resource(mimetype="application/x-hdf5", uri=f"file://localhost{tmp_path}/run.h5",
+                                           data_key="det", parameters={})
+    documents = [("start", run.start_doc), ("descriptor", descriptor.descriptor_doc),
+                 ("stream_resource", resource.stream_resource_doc)]
+    for index in range(2):
+        documents += [("stream_datum", resource.compose_stream_datum(indices={"start": index, "stop": index + 1},
+                                                                     descriptor=descriptor.descriptor_doc)),
+                      ("event", descriptor.compose_event(data={"x": 1.0 + index}, timestamps={"x": 0.0}))]
+    for name, doc in documents:
+        publisher(name, doc)
+    publisher.flush()
+    garbage = Producer({**cluster.admin_config(), "enable.idempotence": True})
+    garbage.produce(topic, b"\x93not a bluesky document", b"i03-re")
+    assert garbage.flush(30) == 0
+    publisher("stop", run.compose_stop())
+
+    images = f"{PREFIX}images"  # raw: an undecodable test event of another test is on it
+    reader = TopicReader(settings, ["collections", "deadletter"], raw_topics=[images])
+    log = open(tmp_path / "bridge.log", "wb")
+    bridge = subprocess.Popen([sys.executable, "-m", "beamstream", "bluesky-bridge", "--topic", topic],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        reader.wait_for(lambda: reader.values("collections", "CollectionEnded", dcid)
+                        and [d for d in reader.values("deadletter") if d["source_topic"] == topic], 90,
+                        "the run's end and the garbage's dead letter from the SCRAM-authenticated bridge")
+        serde = make_serde(settings.schema_registry_url)
+        image_events = [serde.decode(value, images).value for key, value in reader.raw[images]
+                        if parse_dcid_key(key) == dcid]
+        bridge.terminate()
+        code = bridge.wait(60)
+    finally:
+        if bridge.poll() is None:
+            bridge.kill()
+            bridge.wait(30)
+        log.close()
+        reader.close()
+    text = (tmp_path / "bridge.log").read_text()
+    assert code == 0, text[-3000:]
+    [started] = reader.values("collections", "CollectionStarted", dcid)
+    assert started["number_of_images"] == 2 and started["file_template"] == f"{tmp_path}/run.h5"
+    assert sorted(e["image_number"] for e in image_events) == [1, 2]
+    [ended] = reader.values("collections", "CollectionEnded", dcid)
+    assert ended["images_collected"] == 2
+    [dead] = [d for d in reader.values("deadletter") if d["source_topic"] == topic]
+    assert dead["error_type"] == "UndecodableDocument" and dead["payload"] == b"\x93not a bluesky document"
+    assert "authorization" not in text.lower() and "Traceback" not in text
+
+
 def test_secrets_stay_secret(scram_cluster) -> None:
     settings, cluster, env = scram_cluster
     passwords = [local_security.admin_password(settings), settings.sasl_password]

@@ -25,10 +25,13 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from beamstream.cli.main import build_parser
+from beamstream.connectors.bluesky_bridge import BlueskyBridge
 from beamstream.operations import cluster, local_security, registry
 from beamstream.operations.artifacts import load_lock
 from beamstream.platform import metrics
 from beamstream.platform.settings import ENV_PREFIX, LOCAL_SERVICE_USER, Settings, load_settings
+from beamstream.platform.topics import topic_name
+from beamstream.producers.events import RECORD_TOPICS
 from tests.helpers.programs import require_program
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,8 +56,10 @@ EXTRA_VARIABLES = {f"{ENV_PREFIX}SASL_PASSWORD_FILE", f"{ENV_PREFIX}CONFIG",
                    f"{ENV_PREFIX}LOCAL_KAFKA_ADMIN_PASSWORD_FILE"}
 SERVICES = {"kafka", "kafka-security", "topics", "schema-registry", "kafka-ui", "mariadb", "ispyb-schema",
             "worker", "ispyb-sink", "archiver", "gda-feedback", "dashboard", "monitor", "prometheus",
-            "grafana"}
-ONE_SHOT = {"kafka-security", "topics", "ispyb-schema"}
+            "grafana", "bluesky-setup", "bluesky-bridge"}
+ONE_SHOT = {"kafka-security", "topics", "ispyb-schema", "bluesky-setup"}
+#: Services only a Bluesky beamline runs (compose profile `bluesky`); a GDA beamline's `up` starts none of them.
+BLUESKY = {"bluesky-setup", "bluesky-bridge"}
 #: What docker/kafka/*.sh accept as a password: it goes unquoted into SCRAM and JAAS configuration.
 PASSWORD = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
 _VARIABLE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?)(?P<arg>[^}]*))?\}")
@@ -140,6 +145,26 @@ def test_every_service_is_declared() -> None:
         assert service.get("restart") == ("no" if name in ONE_SHOT else "unless-stopped"), name
 
 
+def test_bluesky_services_are_in_their_profile_and_nothing_else_needs_them() -> None:
+    services = load_compose()["services"]
+    profiled = {name: s["profiles"] for name, s in services.items() if "profiles" in s}
+    assert profiled == dict.fromkeys(BLUESKY, ["bluesky"])
+    for name, service in services.items():
+        needed = set(service.get("depends_on", {})) & BLUESKY
+        # A GDA beamline's plain `up` would pull the bridge in through a dependency.
+        assert not needed or name in BLUESKY, f"{name} depends on {sorted(needed)} of profile bluesky"
+    bridge = services["bluesky-bridge"]
+    assert bridge["depends_on"]["bluesky-setup"]["condition"] == "service_completed_successfully"
+    assert bridge["depends_on"]["topics"]["condition"] == "service_completed_successfully"  # its changelog
+    # The one document topic variable reaches the bridge's --topic and the setup that creates the topic.
+    topic = build_parser().parse_args(bridge["command"]).topic
+    assert topic == [services["bluesky-setup"]["environment"]["BLUESKY_DOCUMENT_TOPIC"]]
+    assert topic == ["i03.bluesky.runengine.documents"]
+    other = load_compose({**SECRETS, "BLUESKY_DOCUMENT_TOPIC": "i24.bluesky.runengine.documents"})["services"]
+    assert build_parser().parse_args(other["bluesky-bridge"]["command"]).topic == [
+        other["bluesky-setup"]["environment"]["BLUESKY_DOCUMENT_TOPIC"]] == ["i24.bluesky.runengine.documents"]
+
+
 def test_passwords_are_required_not_defaulted() -> None:
     for variable in ("ISPYB_DB_PASSWORD", "KAFKA_REGISTRY_PASSWORD", "KAFKA_UI_PASSWORD"):
         with pytest.raises(KeyError, match=variable):
@@ -154,7 +179,7 @@ def test_images_are_pinned_at_the_launchers_versions() -> None:
     kafka_version = next(a.version for a in load_lock(cluster.LOCK_FILE)[1] if a.artifact == "kafka_2.13")
     registry_version = next(a.version for a in load_lock(registry.LOCK_FILE)[1]
                             if a.artifact == "apicurio-registry-app")
-    assert images["kafka"] == images["kafka-security"] == f"apache/kafka:{kafka_version}"
+    assert images["kafka"] == images["kafka-security"] == images["bluesky-setup"] == f"apache/kafka:{kafka_version}"
     assert images["schema-registry"] == f"apicurio/apicurio-registry:{registry_version}"
     assert images["kafka-ui"].startswith("ghcr.io/kafbat/kafka-ui:v")
 
@@ -195,7 +220,12 @@ def test_commands_parse() -> None:
 def test_dockerfile_installs_every_package() -> None:
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
-    assert "pip install ." in text
+    # The bridge's command needs the bluesky extra (msgpack-numpy, event-model): without it, it exits with
+    # "needs the bluesky extra" in the container.
+    [extras] = re.findall(r'^RUN pip install "\.\[([\w,-]+)\]"', text, re.M)
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "bluesky" in extras.split(",") and set(extras.split(",")) <= set(declared)
+    assert "bluesky-bridge" in {s["command"][0] for s in beamstream_services(load_compose()).values()}
     assert load_compose()["x-beamstream"]["build"]["dockerfile"] == "docker/Dockerfile"
     # Every package pyproject.toml installs must be in the build context and copied in: a missing one
     # builds fine and fails only when its command runs in the container.
@@ -381,7 +411,8 @@ def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
     jobs = scrape_targets(yaml.safe_load(PROMETHEUS_CONFIG.read_text()))
     parser = build_parser()
     long_running = {name: s for name, s in beamstream_services(compose).items() if name not in ONE_SHOT}
-    assert {"worker", "ispyb-sink", "archiver", "gda-feedback", "monitor", "dashboard"} <= set(long_running)
+    assert {"worker", "ispyb-sink", "archiver", "gda-feedback", "monitor", "dashboard",
+            "bluesky-bridge"} <= set(long_running)
     for name, service in long_running.items():
         args = parser.parse_args(service["command"])
         # The dashboard serves /metrics on its web port; every other service on --metrics-port.
@@ -391,6 +422,9 @@ def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
     replicated = {name for name, s in compose["services"].items() if s.get("deploy", {}).get("replicas", 1) > 1}
     config = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
     for name in replicated:  # a static target would reach one replica of them, whichever Docker's DNS picked
+        assert "dns_sd_configs" in config[name] and "static_configs" not in config[name], name
+    # A service of a profile is found by DNS too: where the profile is off there is no target, not one always down.
+    for name in BLUESKY - ONE_SHOT:
         assert "dns_sd_configs" in config[name] and "static_configs" not in config[name], name
     # Nothing scraped that compose does not run (Prometheus itself answers on localhost).
     assert jobs.pop("prometheus") == {("localhost", listen)}
@@ -446,8 +480,16 @@ def test_grafana_dashboard_queries_metrics_the_services_export() -> None:
               "beamstream_monitor_lag", "beamstream_consumer_lag", "beamstream_worker_dead_letters_total",
               "beamstream_ispyb_sink_dead_letters_total", "beamstream_archiver_dead_letters_total",
               "beamstream_monitor_workers", "beamstream_monitor_target_workers",
-              "beamstream_ispyb_sink_rows_written_total", "beamstream_archiver_collections_archived_total"}
+              "beamstream_ispyb_sink_rows_written_total", "beamstream_archiver_collections_archived_total",
+              "beamstream_bluesky_bridge_documents_consumed_total", "beamstream_bluesky_bridge_events_produced_total",
+              "beamstream_bluesky_bridge_dead_letters_total"}
     assert needed <= used, f"no panel shows {sorted(needed - used)}"
+    # Every service that dead-letters is on the one panel staff read for dead letters.
+    dead = " ".join(queries["Dead letters"])
+    for name in sorted(n for n in exported if n.endswith("_dead_letters_total")):
+        assert name in dead, f"the Dead letters panel does not show {name}"
+    bridge = " ".join(queries["Bluesky bridge"])
+    assert "sum by (document)" in bridge and "sum by (record_type)" in bridge and "sum by (error_type)" in bridge
     latency = " ".join(queries["Result latency (image arrival to result)"])
     assert "histogram_quantile(0.5," in latency and "histogram_quantile(0.99," in latency
 
@@ -517,14 +559,18 @@ def test_kafka_start_refuses_what_would_not_work(tmp_path: Path) -> None:
     assert not (tmp_path / "started").exists()
 
 
-def test_kafka_security_grants_the_local_acls_without_passwords_on_command_lines(tmp_path: Path) -> None:
-    compose = load_compose()
-    setup = compose["services"]["kafka-security"]
+def _run_setup(tmp_path: Path, service: str, compose: dict | None = None,
+               ) -> tuple[subprocess.CompletedProcess, dict[str, str], dict[str, list[str]]]:
+    """Run a one-shot setup service's script (its compose command) with its compose environment and secrets,
+    against stand-ins of the Kafka tools: (the run, its environment, {tool: one line of arguments per call})."""
+    compose = compose or load_compose()
+    setup = compose["services"][service]
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     for name in setup["secrets"]:
         (secrets / name).write_text(SECRETS[compose["secrets"][name]["environment"]])
-    for tool in ("kafka-configs.sh", "kafka-acls.sh"):
+    tools = ("kafka-configs.sh", "kafka-acls.sh", "kafka-topics.sh")
+    for tool in tools:
         # Records each call's arguments, one line per call, and what a --add-config-file held.
         _stand_in(tmp_path / "kafka" / "bin" / tool, f"""
 echo "$*" >> {tmp_path}/{tool}.calls
@@ -535,9 +581,56 @@ prev=""; for a in "$@"; do [ "$prev" = --add-config-file ] && cat "$a" >> {tmp_p
     environ = {"PATH": os.environ["PATH"], "TMPDIR": str(scratch), **env_file(DOCKER / "beamstream.env"),
                **{k: str(v) for k, v in setup["environment"].items()},
                "IMAGE_KAFKA_HOME": str(tmp_path / "kafka"), "SECRETS_DIR": str(secrets)}
-    done = _run("setup-security.sh", environ)
+    assert setup["command"][:1] == ["bash"] and setup["command"][1].startswith("/opt/beamstream/"), service
+    done = _run(Path(setup["command"][1]).name, environ)
+    calls = {tool: (tmp_path / f"{tool}.calls").read_text().splitlines() if (tmp_path / f"{tool}.calls").exists()
+             else [] for tool in tools}
+    return done, environ, calls
+
+
+#: kafka-acls.sh's resource options, as the names of confluent-kafka's ResourceType.
+_ACL_RESOURCES = {"--topic": "TOPIC", "--group": "GROUP", "--transactional-id": "TRANSACTIONAL_ID"}
+
+
+def granted_acls(calls: list[str]) -> set[tuple[str, str, str, str, str]]:
+    """{(principal, resource type, name, pattern type, operation)} that kafka-acls.sh --add calls grant, named
+    as confluent-kafka names them (TOPIC, PREFIXED, IDEMPOTENT_WRITE ...)."""
+    grants = set()
+    for line in calls:
+        args = line.split()
+        assert "--add" in args and "--deny-principal" not in args, line
+        principal = args[args.index("--allow-principal") + 1]
+        pattern = args[args.index("--resource-pattern-type") + 1].upper() if "--resource-pattern-type" in args \
+            else "LITERAL"
+        operations = [re.sub(r"(?<=[a-z])(?=[A-Z])", "_", args[i + 1]).upper()
+                      for i, arg in enumerate(args) if arg == "--operation"]
+        resources = [(_ACL_RESOURCES[arg], args[i + 1]) for i, arg in enumerate(args) if arg in _ACL_RESOURCES]
+        if "--cluster" in args:
+            resources.append(("BROKER", "kafka-cluster"))
+        grants |= {(principal, kind, name, pattern, op) for kind, name in resources for op in operations}
+    return grants
+
+
+def local_acls(bindings: list) -> set[tuple[str, str, str, str, str]]:
+    """The same tuples for confluent-kafka AclBindings (beamstream/operations/local_security.py's)."""
+    return {(b.principal, b.restype.name, b.name, b.resource_pattern_type.name, b.operation.name) for b in bindings}
+
+
+def acl_allows(grants: set[tuple[str, str, str, str, str]], principal: str, kind: str, name: str,
+               operation: str) -> bool:
+    """Whether ``grants`` let ``principal`` do ``operation`` on a resource: Kafka's StandardAuthorizer rules
+    (ALL covers every operation; READ, WRITE, DELETE and ALTER imply DESCRIBE)."""
+    implied = {operation, "ALL"} | ({"READ", "WRITE", "DELETE", "ALTER"} if operation == "DESCRIBE" else set())
+    return any(who == principal and what == kind and op in implied
+               and (name.startswith(pattern_name) if pattern == "PREFIXED" else pattern_name in (name, "*"))
+               for who, what, pattern_name, pattern, op in grants)
+
+
+def test_kafka_security_grants_the_local_acls_without_passwords_on_command_lines(tmp_path: Path) -> None:
+    done, environ, tool_calls = _run_setup(tmp_path, "kafka-security")
+    scratch = Path(environ["TMPDIR"])
     assert done.returncode == 0, done.stderr
-    calls = (tmp_path / "kafka-configs.sh.calls").read_text() + (tmp_path / "kafka-acls.sh.calls").read_text()
+    calls = "\n".join(tool_calls["kafka-configs.sh"] + tool_calls["kafka-acls.sh"])
     for secret in SECRETS.values():
         assert secret not in calls and secret not in done.stdout + done.stderr
     assert "--command-config /opt/beamstream/admin-client.properties" in calls
@@ -549,7 +642,7 @@ prev=""; for a in "$@"; do [ "$prev" = --add-config-file ] && cat "$a" >> {tmp_p
     assert list(scratch.iterdir()) == [], "the file that held the passwords was left behind"
     # The service user gets what beamstream/operations/local_security.service_acls gives it on the local broker.
     prefix, user = environ[f"{ENV_PREFIX}TOPIC_PREFIX"], environ[f"{ENV_PREFIX}SASL_USERNAME"]
-    acls = (tmp_path / "kafka-acls.sh.calls").read_text().splitlines()
+    acls = tool_calls["kafka-acls.sh"]
     service = [line.split() for line in acls if f"--allow-principal User:{user} " in line]
     flags = {"TOPIC": "--topic", "GROUP": "--group", "TRANSACTIONAL_ID": "--transactional-id", "BROKER": "--cluster"}
     operations = {"ALL": "All", "IDEMPOTENT_WRITE": "IdempotentWrite"}
@@ -560,6 +653,79 @@ prev=""; for a in "$@"; do [ "$prev" = --add-config-file ] && cat "$a" >> {tmp_p
                                                 and "prefixed" in call)) for call in service), binding
     ui = [line for line in acls if f"User:{environ['UI_USER']} " in line]
     assert ui and not any(op in line for line in ui for op in ("All", "Write", "Alter", "Create", "Delete"))
+    # The same grants in the form the other tests compare.
+    assert local_acls(local_security.service_acls(prefix, user)) <= granted_acls(acls)
+
+
+def test_bluesky_setup_creates_the_document_topic_and_grants_only_reading_it(tmp_path: Path) -> None:
+    done, environ, calls = _run_setup(tmp_path, "bluesky-setup")
+    assert done.returncode == 0, done.stderr
+    topic, user = environ["BLUESKY_DOCUMENT_TOPIC"], environ[f"{ENV_PREFIX}SASL_USERNAME"]
+    assert topic == "i03.bluesky.runengine.documents" and calls["kafka-configs.sh"] == []
+    [create] = [line.split() for line in calls["kafka-topics.sh"]]
+    # Created once, never altered: an existing topic keeps the beamline's partitions and retention.
+    assert create[create.index("--topic") + 1] == topic and "--create" in create and "--if-not-exists" in create
+    assert create[create.index("--partitions") + 1] == "1"  # one publisher key: one partition is read anyway
+    assert create[create.index("--replication-factor") + 1] == environ[f"{ENV_PREFIX}REPLICATION_FACTOR"]
+    for call in [create, *(line.split() for line in calls["kafka-acls.sh"])]:
+        assert call[call.index("--command-config") + 1] == "/opt/beamstream/admin-client.properties"
+        assert call[call.index("--bootstrap-server") + 1] == environ[f"{ENV_PREFIX}BOOTSTRAP_SERVERS"]
+    # Read and Describe on that one topic, as the local cluster's read_topic_acls: nothing more.
+    assert granted_acls(calls["kafka-acls.sh"]) == local_acls(local_security.read_topic_acls([topic], user))
+    for secret in SECRETS.values():
+        assert secret not in "\n".join(calls["kafka-topics.sh"] + calls["kafka-acls.sh"]) + done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("topic", ["i03 documents", "..", "i03/documents"])
+def test_bluesky_setup_refuses_a_bad_topic_name_in_one_line(tmp_path: Path, topic: str) -> None:
+    done, _, calls = _run_setup(tmp_path, "bluesky-setup", load_compose({**SECRETS, "BLUESKY_DOCUMENT_TOPIC": topic}))
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"bluesky-setup: BLUESKY_DOCUMENT_TOPIC='{topic}' is not a Kafka topic name")
+    assert calls == {"kafka-configs.sh": [], "kafka-acls.sh": [], "kafka-topics.sh": []}
+
+
+def bridge_needs(tmp_path: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    """(principal, [(resource type, name, operation)]) the compose bridge needs, from the bridge itself built with
+    its container's settings and command: what it reads, writes, joins and commits as."""
+    service = load_compose()["services"]["bluesky-bridge"]
+    settings = load_real_settings(service_environment(service), tmp_path)
+    bridge = BlueskyBridge(settings, build_parser().parse_args(service["command"]).topic)  # connects to nothing
+    changelog = bridge.processor.runs.changelog_topic
+    outputs = dict.fromkeys(topic_name(settings, RECORD_TOPICS[r])  # the record types a run becomes
+                            for r in ("CollectionStarted", "ImageArrived", "CollectionEnded"))
+    needs = [("TOPIC", topic, op) for topic in bridge.document_topics for op in ("READ", "DESCRIBE")]
+    needs += [("TOPIC", changelog, op) for op in ("READ", "WRITE", "DESCRIBE")]  # restored, then written
+    needs += [("TOPIC", topic, op) for topic in [*outputs, bridge.processor.dead_letters.topic]
+              for op in ("WRITE", "DESCRIBE")]
+    needs += [("GROUP", bridge.stage.group_id, "READ"), ("BROKER", "kafka-cluster", "IDEMPOTENT_WRITE")]
+    needs += [("TRANSACTIONAL_ID", bridge.stage.transactional_id, op) for op in ("WRITE", "DESCRIBE")]
+    assert bridge.stage.group_id == f"{settings.topic_prefix}bluesky-bridge"
+    assert {name for kind, name, _ in needs if kind == "TOPIC"} >= {
+        f"{settings.topic_prefix}{t}" for t in ("images", "collections", "deadletter", "bluesky-bridge-changelog")}
+    return f"User:{settings.sasl_username}", needs
+
+
+def test_the_bridges_user_may_do_all_the_bridge_does_in_compose_and_on_the_local_cluster(tmp_path: Path) -> None:
+    (tmp_path / "bridge").mkdir()
+    principal, needs = bridge_needs(tmp_path / "bridge")
+    compose = set()
+    for service in ("kafka-security", "bluesky-setup"):
+        (tmp_path / service).mkdir()
+        done, environ, calls = _run_setup(tmp_path / service, service)
+        assert done.returncode == 0, done.stderr
+        compose |= granted_acls(calls["kafka-acls.sh"])
+    user = principal.removeprefix("User:")
+    document_topics = [name for kind, name, op in needs if kind == "TOPIC" and op == "READ"
+                       and not name.startswith(environ[f"{ENV_PREFIX}TOPIC_PREFIX"])]
+    local = local_acls(local_security.service_acls(environ[f"{ENV_PREFIX}TOPIC_PREFIX"], user)
+                       + local_security.read_topic_acls(document_topics, user))
+    for where, grants in (("compose", compose), ("the local cluster", local)):
+        missing = [need for need in needs if not acl_allows(grants, principal, *need)]
+        assert not missing, f"{where}: {principal} may not {missing}"
+    # The checker itself refuses what nobody granted: the document topic without its read grant.
+    assert not acl_allows(local_acls(local_security.service_acls(environ[f"{ENV_PREFIX}TOPIC_PREFIX"], user)),
+                          principal, "TOPIC", document_topics[0], "READ")
+    assert not acl_allows(compose, principal, "TOPIC", document_topics[0], "WRITE")  # read only
 
 
 # -- the real validator ----------------------------------------------------------------------------------------
@@ -585,12 +751,14 @@ needs_compose = pytest.mark.skipif(
 
 
 def compose_config(compose_file: Path, tmp_path: Path, environ: Mapping[str, str] = SECRETS,
-                   ) -> subprocess.CompletedProcess:
+                   profiles: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`docker compose config` with only `environ` as the .env: no operator's docker/.env, no COMPOSE_* of ours."""
     empty = tmp_path / "empty.env"
     empty.write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_") and k not in SECRETS}
-    return subprocess.run([*COMPOSE_CLI, "--env-file", str(empty), "-f", str(compose_file), "config",
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("COMPOSE_") and k not in SECRETS and not k.startswith("BLUESKY_")}
+    options = [arg for profile in profiles for arg in ("--profile", profile)]
+    return subprocess.run([*COMPOSE_CLI, "--env-file", str(empty), "-f", str(compose_file), *options, "config",
                            "--format", "json"], env={**env, **environ}, capture_output=True, text=True, timeout=60)
 
 
@@ -598,8 +766,14 @@ def compose_config(compose_file: Path, tmp_path: Path, environ: Mapping[str, str
 def test_docker_compose_config_accepts_it(tmp_path: Path) -> None:
     done = compose_config(COMPOSE, tmp_path)
     assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)["services"]) == SERVICES - BLUESKY  # a GDA beamline's `up`
+    done = compose_config(COMPOSE, tmp_path, profiles=("bluesky",))
+    assert done.returncode == 0, done.stderr
     normalised = json.loads(done.stdout)
     assert set(normalised["services"]) == SERVICES
+    bridge = normalised["services"]["bluesky-bridge"]
+    assert bridge["command"][:3] == ["bluesky-bridge", "--topic", "i03.bluesky.runengine.documents"]
+    assert set(bridge["depends_on"]) == {"kafka", "topics", "schema-registry", "bluesky-setup"}
     for name, service in normalised["services"].items():
         for port in service.get("ports", []):
             assert port["host_ip"] == "127.0.0.1", name
