@@ -150,7 +150,9 @@ def test_a_simulation_goes_on_while_the_broker_is_killed_and_loses_nothing(broke
         cluster.kill()  # SIGKILL, mid-scan
         # The scan goes on and ends while the broker is down: every file written, the events spooled.
         wait_until(lambda: len(list(out.glob(f"grid_{dcid}_*.cbf"))) == images, 120, "every file written")
-        wait_until(lambda: inspect_spool(spool_root(settings) / "sim").events > images // 2, 30, "a spooled backlog")
+        # Some of the scan's events: the rest went out before the kill, how many depends on the load (the
+        # reader that saw 8 may lag the producer); the checks below find any event lost on either side.
+        wait_until(lambda: inspect_spool(spool_root(settings) / "sim").events > 0, 30, "a spooled backlog")
         spooled = inspect_spool(spool_root(settings) / "sim")
         assert spooled.holder_pid == simulation.pid
         listed = subprocess.run([sys.executable, "-m", "beamstream", "spool", "list", "--json"], text=True,
