@@ -2,17 +2,23 @@
 
 Two no-op workers (exactly-once, supervised: a worker that exits is started again after 1 s,
 as systemd would) answer a steady 40 Hz stream of image events. Each round kills the broker
-with SIGKILL while transactions are in flight, leaves it down for a few seconds and starts it
-again. The images are sent by a plain idempotent producer, which holds them while the broker
-is down and delivers them when it is back.
+with SIGKILL (``--stop clean``: stops it cleanly) while transactions are in flight, leaves it
+down for a few seconds and starts it again. The images are sent by a plain idempotent producer,
+which holds them while the broker is down and delivers them when it is back, or with
+``--source spool`` through a :class:`SpooledPublisher` (the file watcher's and the simulator's
+way: each image a batch in the spool, published by its drain thread in transactions), so the
+producer's own transactions have to get through the restart too.
 
 Per round it reports the recovery: seconds from the broker answering again until every image
 announced in the first 2 s after that has its result (read_committed), so a worker whose
-transaction wedged across the restart shows as the time it took to get going again. It also
-counts the workers' exits (code 75: a transaction stalled past the engine's limit), and checks
-that no image was lost or answered twice over the whole run.
+transaction wedged across the restart shows as the time it took to get going again; the first
+result the workers made after the broker was back (its ``result_time``); and with the spool,
+the first spooled batch committed after it. It also counts the workers' exits (code 75: a
+transaction stalled past the engine's limit), and checks that no image was lost or answered
+twice over the whole run.
 
-Run: python benchmarks/bench_broker_restart.py [--runs 10] [--down-s 3] [--json]
+Run: python benchmarks/bench_broker_restart.py [--runs 10] [--down-s 3] [--source plain|spool]
+     [--stop kill|clean] [--json]
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from beamstream.engine.transactions import CALL_LIMIT_S  # noqa: E402
 from beamstream.operations.cluster import LocalCluster  # noqa: E402
 from beamstream.platform.kafka_clients import make_producer  # noqa: E402
 from beamstream.platform.settings import load_settings  # noqa: E402
 from beamstream.platform.topics import apply_topics, topic_name  # noqa: E402
-from beamstream.producers.events import collection_started, image_arrived  # noqa: E402
+from beamstream.producers.events import Event, collection_started, image_arrived  # noqa: E402
+from beamstream.producers.publishing import SpooledPublisher  # noqa: E402
 from beamstream.schemas.serde import make_serde  # noqa: E402
 from tests.helpers.harness import ServiceProcess, Supervisor, TopicReader, free_port_pair  # noqa: E402
 
@@ -49,29 +57,32 @@ class SteadySource:
 
     def __init__(self, settings, dcid: int, file_path: str) -> None:
         self.settings, self.dcid, self.file_path = settings, dcid, file_path
-        self.serde = make_serde(settings.schema_registry_url)
-        self.topic = topic_name(settings, "images")
         self.sent_at: dict[int, float] = {}
+        self.committed_at: list[float] = []  # when the producer's transactions committed (the spool's only)
         self._stop = threading.Event()
-        # No transaction: a plain idempotent producer queues through an outage without an error to handle.
-        self.producer = make_producer(settings, **{"message.timeout.ms": 300_000, "log_level": 0})
-        started = collection_started(dcid, file_template=file_path, number_of_images=1_000_000)
-        collections = topic_name(settings, "collections")
-        self.producer.produce(collections, self.serde.encode(started.record_type, started.value, collections),
-                              started.key)
-        self.producer.flush(30)
+        self._open()
+        self._send([collection_started(dcid, file_template=file_path, number_of_images=1_000_000)])
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def _open(self) -> None:
+        self.serde = make_serde(self.settings.schema_registry_url)
+        # No transaction: a plain idempotent producer queues through an outage without an error to handle.
+        self.producer = make_producer(self.settings, **{"message.timeout.ms": 300_000, "log_level": 0})
+
+    def _send(self, events: list[Event]) -> None:
+        for event in events:
+            topic = topic_name(self.settings, "images" if event.record_type == "ImageArrived" else "collections")
+            self.producer.produce(topic, self.serde.encode(event.record_type, event.value, topic), event.key)
+        self.producer.poll(0)
 
     def _run(self) -> None:
         number = 0
         next_at = time.monotonic()
         while not self._stop.is_set():
             number += 1
-            event = image_arrived(self.dcid, number, self.file_path)
-            self.producer.produce(self.topic, self.serde.encode(event.record_type, event.value, self.topic), event.key)
+            self._send([image_arrived(self.dcid, number, self.file_path)])
             self.sent_at[number] = time.time()
-            self.producer.poll(0)
             next_at += 1.0 / RATE_HZ
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
@@ -79,6 +90,36 @@ class SteadySource:
         self._stop.set()
         self._thread.join(10)
         self.producer.flush(60)
+
+
+class SpooledSource(SteadySource):
+    """The same stream through a :class:`SpooledPublisher`: each image a spooled batch, published by the
+    spool's drain thread in transactions (several batches each when it has a backlog)."""
+
+    def __init__(self, settings, dcid: int, file_path: str, call_limit_s: float = CALL_LIMIT_S) -> None:
+        self.call_limit_s = call_limit_s
+        super().__init__(settings, dcid, file_path)
+
+    def _open(self) -> None:
+        self.publisher = SpooledPublisher(self.settings, "bench", directory=self.settings.home / "spool-bench",
+                                          call_limit_s=self.call_limit_s)
+        spool = self.publisher.spool
+        ack = spool.ack
+
+        def timed_ack(seq: int) -> None:  # called by the drain thread once a transaction has committed
+            ack(seq)
+            self.committed_at.append(time.time())
+
+        spool.ack = timed_ack
+
+    def _send(self, events: list[Event]) -> None:
+        self.publisher.publish(events)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.publisher.wait_drained(GIVE_UP_S)
+        self.publisher.close()
 
 
 def answered(reader: TopicReader) -> Counter:
@@ -93,7 +134,14 @@ def result_times(reader: TopicReader) -> dict[int, float]:
     return times
 
 
-def run(runs: int, down_s: float, workers: int, log_root: Path | None = None, log_level: str = "warning") -> dict:
+def first_result_after(reader: TopicReader, since: float) -> float | None:
+    """Seconds from ``since`` to the first result the workers made after it (its ``result_time``)."""
+    after = [at for at in (v["result_time"].timestamp() for v in reader.values("results", "ImageResult")) if at > since]
+    return min(after) - since if after else None
+
+
+def run(runs: int, down_s: float, workers: int, log_root: Path | None = None, log_level: str = "warning",
+        source_kind: str = "plain", stop: str = "kill", spool_call_limit_s: float = CALL_LIMIT_S) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
         home = Path(tmp)
         settings = load_settings(home=home, local_kafka_port=free_port_pair())
@@ -109,21 +157,23 @@ def run(runs: int, down_s: float, workers: int, log_root: Path | None = None, lo
                                 "--log-level", log_level).start() for i in range(workers)]
         supervisor = Supervisor(procs)
         reader = TopicReader(settings, ["results"])
-        source = SteadySource(settings, 7001, image)
+        source = (SpooledSource(settings, 7001, image, spool_call_limit_s) if source_kind == "spool"
+                  else SteadySource(settings, 7001, image))
         rounds = []
         try:
             time.sleep(8)  # workers joined, paths warm
             for index in range(runs):
                 time.sleep(3)
                 killed = time.time()
-                cluster.kill()
+                cluster.kill() if stop == "kill" else cluster.down()
                 time.sleep(down_s)
                 cluster.up(progress=False)
                 back = time.time()
-                print(f"round {index + 1}: broker killed at {time.strftime('%H:%M:%S', time.gmtime(killed))}, "
+                how = "killed" if stop == "kill" else "stopped"
+                print(f"round {index + 1}: broker {how} at {time.strftime('%H:%M:%S', time.gmtime(killed))}, "
                       f"back {back - killed:.1f} s later", file=sys.stderr, flush=True)
                 time.sleep(WINDOW_S)
-                window = [n for n, at in list(source.sent_at.items()) if back <= at < back + WINDOW_S]
+                window = [n for n, at in source.sent_at.copy().items() if back <= at < back + WINDOW_S]
                 deadline = time.monotonic() + GIVE_UP_S
                 while time.monotonic() < deadline:
                     times = result_times(reader)
@@ -133,11 +183,17 @@ def run(runs: int, down_s: float, workers: int, log_root: Path | None = None, lo
                 times = result_times(reader)
                 missing = [n for n in window if n not in times]
                 recovery = max((times[n] for n in window if n in times), default=back) - back
-                rounds.append({"round": index + 1, "recovery_s": round(recovery, 2), "window_images": len(window),
-                               "unanswered": len(missing), "worker_exits": len(supervisor.restarts)})
-                print(f"round {index + 1}: results flowing {recovery:.1f} s after the broker was back "
-                      f"({len(window)} images, {len(missing)} unanswered, worker exits so far "
-                      f"{len(supervisor.restarts)})", file=sys.stderr, flush=True)
+                first = first_result_after(reader, back)
+                committed = min((at for at in source.committed_at if at > back), default=None)
+                rounds.append({"round": index + 1, "recovery_s": round(recovery, 2),
+                               "first_result_s": None if first is None else round(first, 2),
+                               "producer_s": None if committed is None else round(committed - back, 2),
+                               "window_images": len(window), "unanswered": len(missing),
+                               "worker_exits": len(supervisor.restarts)})
+                producer = "" if committed is None else f"spool committing {committed - back:.1f} s, "
+                print(f"round {index + 1}: {producer}first new result {first or 0:.1f} s, results flowing "
+                      f"{recovery:.1f} s after the broker was back ({len(window)} images, {len(missing)} unanswered, "
+                      f"worker exits so far {len(supervisor.restarts)})", file=sys.stderr, flush=True)
             source.stop()
             sent = len(source.sent_at)
             deadline = time.monotonic() + GIVE_UP_S
@@ -152,10 +208,16 @@ def run(runs: int, down_s: float, workers: int, log_root: Path | None = None, lo
             reader.close()
             cluster.down()
     recoveries = [r["recovery_s"] for r in rounds]
+    firsts = [r["first_result_s"] for r in rounds if r["first_result_s"] is not None]
+    producers = [r["producer_s"] for r in rounds if r["producer_s"] is not None]
     return {
-        "runs": runs, "down_s": down_s, "workers": workers, "rate_hz": RATE_HZ,
+        "runs": runs, "down_s": down_s, "workers": workers, "rate_hz": RATE_HZ, "source": source_kind, "stop": stop,
+        "spool_call_limit_s": spool_call_limit_s if source_kind == "spool" else None,
         "recovery_median_s": round(statistics.median(recoveries), 2),
         "recovery_max_s": max(recoveries),
+        "first_result_median_s": round(statistics.median(firsts), 2) if firsts else None,
+        "producer_median_s": round(statistics.median(producers), 2) if producers else None,
+        "producer_max_s": max(producers, default=None),
         "worker_exits": supervisor.restarts,
         "images_sent": sent,
         "lost": sent - len(counts),
@@ -169,16 +231,29 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10, help="broker restarts (default 10)")
     parser.add_argument("--down-s", type=float, default=3.0, help="seconds the broker stays down (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--source", choices=("plain", "spool"), default="plain",
+                        help="images from a plain idempotent producer (default) or through a SpooledPublisher")
+    parser.add_argument("--stop", choices=("kill", "clean"), default="kill",
+                        help="SIGKILL the broker (default) or stop it cleanly")
+    parser.add_argument("--spool-call-limit-s", type=float, default=CALL_LIMIT_S,
+                        help=f"the spool's limit on a stuck commit or abort (default {CALL_LIMIT_S:g}; "
+                             "3600 to measure without it)")
     parser.add_argument("--log-dir", type=Path, help="keep the workers' logs here (default: deleted)")
     parser.add_argument("--log-level", default="warning", help="the workers' log level (default warning)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
-    figures = run(args.runs, args.down_s, args.workers, args.log_dir, args.log_level)
+    figures = run(args.runs, args.down_s, args.workers, args.log_dir, args.log_level, args.source, args.stop,
+                  args.spool_call_limit_s)
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
-        print(f"{args.runs} broker restarts ({args.down_s:g} s down): results flowing again after "
-              f"median {figures['recovery_median_s']} s, max {figures['recovery_max_s']} s; "
+        producer = ("" if figures["producer_median_s"] is None else
+                    f"the spool committing again after median {figures['producer_median_s']} s, "
+                    f"max {figures['producer_max_s']} s; ")
+        print(f"{args.runs} broker restarts ({args.stop}, {args.down_s:g} s down, images from the {args.source} "
+              f"producer): {producer}first new result after median {figures['first_result_median_s']} s; "
+              f"results flowing again after median {figures['recovery_median_s']} s, "
+              f"max {figures['recovery_max_s']} s; "
               f"worker exits {len(figures['worker_exits'])}; images {figures['images_sent']}, "
               f"lost {figures['lost']}, duplicated {figures['duplicated']}")
     return 0

@@ -8,6 +8,7 @@ transaction, so a consumer never sees half of a batch.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -15,13 +16,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from confluent_kafka import Producer
+
 from beamstream.engine.atomic_writer import AtomicWriter, OutRecord
+from beamstream.engine.transactions import CALL_LIMIT_S, CallLimit, TransactionStuck
 from beamstream.errors import BeamstreamError
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.settings import Settings
 from beamstream.platform.topics import topic_name
 from beamstream.schemas.keys import dcid_key, image_key
 from beamstream.schemas.serde import Serde, make_serde
+
+log = logging.getLogger(__name__)
 
 #: Which topic each record type is published on.
 RECORD_TOPICS = {
@@ -153,31 +159,61 @@ class EventPublisher:
     same id fence each other, which is what a restarted acquisition service wants.
     Kafka must be reachable: to keep accepting events while it is not, use
     :class:`beamstream.producers.publishing.SpooledPublisher`, which has the same ``publish``.
+
+    A commit or abort that does not return within ``call_limit_s`` (librdkafka after a broker restart,
+    rule 5 of :mod:`beamstream.engine.transactions`) is left blocked with its producer, and the batch is
+    published once more by a new producer with the same transactional id: see :meth:`publish`.
     """
 
-    def __init__(self, settings: Settings, transactional_id: str | None = None, serde: Serde | None = None):
+    def __init__(self, settings: Settings, transactional_id: str | None = None, serde: Serde | None = None,
+                 call_limit_s: float = CALL_LIMIT_S):
         self.settings = settings
         self.encoder = EventEncoder(settings, serde)
         self.serde = self.encoder.serde
         # Under the deployment's prefix, like every id it owns: deployments sharing a cluster do not
         # collide, and prefix ACLs (BEAMSTREAM_LOCAL_KAFKA_SECURITY=scram) cover it.
         self.transactional_id = transactional_id or default_transactional_id(settings)
-        self._producer = make_producer(settings, transactional_id=self.transactional_id)
+        self.producers_replaced = 0
+        self._limit = CallLimit(call_limit_s)
+        self._producer: Producer | None = make_producer(settings, transactional_id=self.transactional_id)
 
     def publish(self, events: Iterable[Event], headers: Sequence[tuple[str, bytes]] = ()) -> int:
-        """Send ``events`` in one transaction; returns how many were sent. All or nothing."""
+        """Send ``events`` in one transaction; returns how many were sent. All or nothing, except after a stuck call.
+
+        A stuck commit's outcome is unknown: the broker may have committed the batch. The new producer's
+        ``init_transactions`` fences the stuck one and settles its transaction (committed if the commit had
+        reached the coordinator, aborted otherwise), after which nothing the stuck producer does can be
+        written. The batch is then published again, so it is there at least once and maybe twice, whole
+        and in order either way: a copy of an image event is dropped by the workers (the answered-images
+        table), as from the spool. A second stuck call raises :class:`TransactionStuck` (outcome unknown)."""
         # Encode everything first: a bad event aborts nothing half-sent.
         records = self.encoder.encode(events, headers)
         if not records:
             return 0
-        with AtomicWriter(producer=self._producer) as writer:
-            for record in records:
-                writer.produce(record)
+        try:
+            self._write(records)
+        except TransactionStuck as stuck:
+            log.warning("%s; a new producer fences it and the batch of %d events is published again",
+                        stuck, len(records))
+            self._write(records)
         return len(records)
+
+    def _write(self, records: list[OutRecord]) -> None:
+        if self._producer is None:  # the last one was stuck: this one fences it (init_transactions)
+            self._producer = make_producer(self.settings, transactional_id=self.transactional_id)
+            self.producers_replaced += 1
+        try:
+            with AtomicWriter(producer=self._producer, limit=self._limit) as writer:
+                for record in records:
+                    writer.produce(record)
+        except TransactionStuck:
+            self._producer = None  # left to its blocked call; never used again
+            raise
 
     def close(self) -> None:
         """Flush and release the producer."""
-        self._producer.flush(30)
+        if self._producer is not None:
+            self._producer.flush(30)
 
     def __enter__(self) -> EventPublisher:
         return self

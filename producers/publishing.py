@@ -23,6 +23,7 @@ from pathlib import Path
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from beamstream.engine.atomic_writer import AtomicWriter, OutRecord
+from beamstream.engine.transactions import CALL_LIMIT_S, CallLimit, TransactionStuck
 from beamstream.errors import BeamstreamError
 from beamstream.platform import metrics
 from beamstream.platform.kafka_clients import make_producer
@@ -71,11 +72,12 @@ class SpooledPublisher:
 
     A new publisher on a spool with batches left publishes those first. Construction never
     touches Kafka; it raises :class:`~beamstream.producers.spool.SpoolBusy` when another
-    process holds the spool.
+    process holds the spool. A commit or abort stuck past ``call_limit_s`` (librdkafka after a
+    broker restart) costs its producer, not the batches: see :meth:`_commit`.
     """
 
     def __init__(self, settings: Settings, name: str, *, serde: Serde | None = None, directory: Path | None = None,
-                 segment_bytes: int | None = None) -> None:
+                 segment_bytes: int | None = None, call_limit_s: float = CALL_LIMIT_S) -> None:
         self.settings = settings
         self.name = check_name(name)
         self.encoder = EventEncoder(settings, serde)
@@ -86,6 +88,8 @@ class SpooledPublisher:
         self.path = self.spool.directory
         self._wake = threading.Condition()
         self._producer: Producer | None = None
+        self._limit = CallLimit(call_limit_s)
+        self.producers_replaced = 0  # producers left stuck in a call (the next connect replaces each)
         self._connected = False
         self._broker_up = False  # from the client's statistics
         self._last_error: str | None = None
@@ -239,14 +243,29 @@ class SpooledPublisher:
 
     def _commit(self, batches: list[SpooledBatch]) -> bool:
         """Publish the oldest spooled batches, in order, in one transaction and acknowledge them; False (and a
-        new producer to come) if it failed: the same batches are published again."""
+        new producer to come) if it failed: the same batches are published again.
+
+        Nothing is lost or reordered: batches are acknowledged (dropped from the spool) only after their
+        commit returned, and the next transaction always starts again from the oldest batch not
+        acknowledged. A commit stuck past the call limit has an unknown outcome: its producer is left to
+        the blocked call, and the next one, with the spool's transactional id, fences it in
+        ``init_transactions``, which also settles its transaction (committed if the commit had reached
+        the coordinator, aborted otherwise); nothing the stuck producer does can be written after that. The
+        same batches are then published again, so they are in Kafka at least once and maybe twice, each
+        copy whole and in order; the workers drop a copy of an image event they have answered."""
         try:
-            with AtomicWriter(producer=self._producer) as writer:
+            with AtomicWriter(producer=self._producer, limit=self._limit) as writer:
                 for batch in batches:
                     for record in batch.records:
                         writer.produce(OutRecord(record.topic, record.key, record.value, list(record.headers)))
+        except TransactionStuck as exc:
+            self._producer = None  # not purged or flushed: a call is still blocked in it
+            self.producers_replaced += 1
+            log.warning("spool %s: %s; a new producer fences it and batches %d-%d are published again",
+                        self.name, exc, batches[0].seq, batches[-1].seq)
+            return False
         except Exception as exc:  # noqa: BLE001 - see below
-            # Whatever failed (the broker away, a fenced or fatally failed producer, a wedged call), a new
+            # Whatever failed (the broker away, a fenced or fatally failed producer), a new
             # producer starts clean: its init_transactions aborts whatever this one left open. Not only
             # KafkaException: confluent-kafka 2.16 raises SystemError out of flush() once the producer is fenced
             # (its delivery callback's error.str() meets the pending fatal error).

@@ -1,12 +1,21 @@
 """Producer-side transactions: records written all or nothing, learning where each one landed
 (replay, dead-letter reinjection, the producers' event batches). The commit and abort rules are
-:mod:`beamstream.engine.transactions`'."""
+:mod:`beamstream.engine.transactions`', the limit on a stuck call (rule 5) included: given a
+:class:`~beamstream.engine.transactions.CallLimit`, a commit or abort that does not return within it
+raises :class:`~beamstream.engine.transactions.TransactionStuck` and the writer's producer must be
+replaced by one with the same transactional id (which fences it and settles its transaction)."""
 
 from __future__ import annotations
 
 from confluent_kafka import KafkaException, Producer
 
-from beamstream.engine.transactions import OutRecord, abort_quietly, commit_producer_transaction
+from beamstream.engine.transactions import (
+    CallLimit,
+    OutRecord,
+    TransactionStuck,
+    abort_quietly,
+    commit_producer_transaction,
+)
 from beamstream.platform.kafka_clients import make_producer
 from beamstream.platform.retained import RetainedError
 from beamstream.platform.settings import Settings
@@ -19,10 +28,16 @@ class AtomicWriter:
 
     Use as a context manager; leaving the block normally commits, an exception aborts
     (nothing becomes visible to read_committed consumers).
+
+    With ``limit``, a commit or abort that does not return within it raises :class:`TransactionStuck`
+    (nothing is aborted: the producer is left to its blocked call). Whether the transaction committed
+    is then unknown until a producer with the same transactional id has fenced this one; the caller
+    makes that producer and treats the records as not written (publishing them again is at least once).
+    Waiting for acknowledgements (:meth:`positions`) is not limited: it waits for a broker that is away.
     """
 
     def __init__(self, settings: Settings | None = None, transactional_id: str | None = None,
-                 timeout_s: float = 60.0, producer: Producer | None = None) -> None:
+                 timeout_s: float = 60.0, producer: Producer | None = None, limit: CallLimit | None = None) -> None:
         # init_transactions fences any earlier producer with this id and completes (aborts)
         # its open transaction, so whatever is read after this sees a settled topic.
         self.producer: Producer = producer or make_producer(settings, transactional_id=transactional_id,
@@ -30,6 +45,7 @@ class AtomicWriter:
         self._positions: list[tuple[int, int] | None] = []
         self._errors: list[str] = []
         self._open = False
+        self._limit = limit
 
     def __enter__(self) -> AtomicWriter:
         self.producer.begin_transaction()
@@ -80,10 +96,13 @@ class AtomicWriter:
         if exc_type is None:
             try:
                 self.positions()
-                commit_producer_transaction(self.producer, 60)
+                commit_producer_transaction(self.producer, 60, self._limit)
                 return
+            except TransactionStuck as stuck:
+                raise TransactionStuck(f"{stuck}; whether the transaction committed is unknown until a producer "
+                                       "with its transactional id fences this one") from None
             except (KafkaException, RetainedError) as error:
-                abort_quietly(self.producer, 30)
+                abort_quietly(self.producer, 30, self._limit)
                 detail = error.args[0].str() if isinstance(error, KafkaException) else str(error)
                 raise RetainedError(f"transaction aborted, nothing written: {detail}") from None
-        abort_quietly(self.producer, 30)
+        abort_quietly(self.producer, 30, self._limit)

@@ -49,6 +49,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from beamstream.engine.table import ChangelogTable
 from beamstream.engine.transactions import (
+    CALL_LIMIT_S,
     BatchOffsets,
     CallLimit,
     Outcome,
@@ -73,10 +74,6 @@ log = logging.getLogger(__name__)
 TRANSACTION_TIMEOUT_MS = 15_000
 #: Each transactional call's own limit; the broker aborts our transaction after TRANSACTION_TIMEOUT_MS anyway.
 COMMIT_TIMEOUT_S = 30.0
-#: How long a transactional call may block before the stage gives up on its producer (rule 5 of
-#: beamstream.engine.transactions). librdkafka ignores COMMIT_TIMEOUT_S when the group coordinator
-#: went away; a healthy commit takes milliseconds, one on a loaded two-core machine well under a second.
-CALL_LIMIT_S = 2.5
 #: Events fetched ahead of processing: under load a batch is as large as its commit interval allows (100 ms of
 #: work); at 500 the commits, not the events, set a no-op worker's pace (19,000 against 26,000-34,000 events/s).
 FETCH_BATCH = 2000

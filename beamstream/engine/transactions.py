@@ -78,6 +78,12 @@ class TransactionStuck(TransactionFailed):
     """A transactional call did not return within its :class:`CallLimit` (rule 5)."""
 
 
+#: How long a transactional call may block before its producer is given up on (rule 5). librdkafka
+#: ignores its own timeout when the group coordinator went away; a healthy commit takes milliseconds, one
+#: on a loaded two-core machine well under a second.
+CALL_LIMIT_S = 2.5
+
+
 class CallLimit:
     """Runs the blocking transactional calls on a helper thread and gives up on one after ``limit_s``.
 
@@ -280,16 +286,19 @@ def commit_at_least_once(producer, consumer, outputs: Iterable[Output], offsets:
     return Outcome.COMMITTED
 
 
-def commit_producer_transaction(producer, timeout_s: float = 60.0) -> None:
+def commit_producer_transaction(producer, timeout_s: float = 60.0, limit: CallLimit | None = None) -> None:
     """Commit a producer-only transaction (no consumed offsets), retrying while librdkafka says so (rule 2).
-    Raises the KafkaException otherwise; the caller aborts."""
-    _retrying(lambda: producer.commit_transaction(timeout_s), timeout_s)
+    Raises the KafkaException otherwise (the caller aborts), or :class:`TransactionStuck` past ``limit`` (rule 5)."""
+    run = limit or _unlimited
+    _retrying(lambda: run(lambda: producer.commit_transaction(timeout_s), "commit_transaction"), timeout_s)
 
 
-def abort_quietly(producer, timeout_s: float = 30.0) -> None:
+def abort_quietly(producer, timeout_s: float = 30.0, limit: CallLimit | None = None) -> None:
     """Abort a producer-only transaction; a failure is not reported, because a fenced or timed-out
-    producer's transaction is aborted by the broker anyway, and the error that led here is the one to tell."""
+    producer's transaction is aborted by the broker anyway, and the error that led here is the one to tell.
+    :class:`TransactionStuck` past ``limit`` is raised: the producer must be replaced."""
+    run = limit or _unlimited
     try:
-        producer.abort_transaction(timeout_s)
+        run(lambda: producer.abort_transaction(timeout_s), "abort_transaction")
     except KafkaException as exc:
         log.info("abort failed (the broker aborts the transaction): %s", exc.args[0].str())
