@@ -202,6 +202,19 @@ def test_settings_names_and_values_are_the_local_ones(tmp_path: Path) -> None:
         f"{ENV_PREFIX}SCHEMA_REGISTRY_URL"]
 
 
+def test_data_is_mounted_at_its_host_path_and_is_the_data_roots(tmp_path: Path) -> None:
+    """Image events carry the paths the beamline's hosts write (GDA, the watcher, Bluesky documents): the
+    services that open or check them see the data at that same path, and only there."""
+    compose = load_compose({**SECRETS, "DATA_DIR": "/beamline/data"})
+    readers = {"worker", "archiver", "dashboard"}  # open the files
+    checkers = readers | {"bluesky-bridge"}  # refuse paths outside the data roots
+    for name, service in beamstream_services(compose).items():
+        settings = load_real_settings(service_environment(service), tmp_path)
+        mounts = [v for v in service.get("volumes", []) if v.split(":")[0] == "/beamline/data"]
+        assert mounts == (["/beamline/data:/beamline/data:ro"] if name in readers else []), name
+        assert settings.data_roots == (("/beamline/data",) if name in checkers else ()), name
+
+
 def test_database_services_get_the_mariadb_url(tmp_path: Path) -> None:
     services = load_compose()["services"]
     for name in ("ispyb-schema", "ispyb-sink", "dashboard"):

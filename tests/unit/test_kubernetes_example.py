@@ -133,3 +133,10 @@ def test_no_secret_is_written_into_a_manifest() -> None:
             # An env entry {name: ..._PASSWORD, value: ...} would hold the secret itself.
             if secretish.search(str(mapping.get("name", ""))) and "value" in mapping:
                 raise AssertionError(f"{name}: {mapping['name']} has a literal value")
+
+
+def test_workers_see_the_data_at_the_data_roots(settings) -> None:
+    # Image events carry the paths the beamline's hosts write: the data is mounted at exactly those roots.
+    container = the("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    mounted = {m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data"}
+    assert mounted == set(settings.data_roots) and settings.data_roots
