@@ -52,6 +52,7 @@ class DashboardProcess:
                 if self.process.poll() is not None:
                     break
                 time.sleep(0.2)
+        self.stop()  # not left running for the rest of the session
         raise AssertionError(f"the dashboard did not start: {log_path.read_text()[-2000:]}")
 
     def stop(self) -> int | None:
