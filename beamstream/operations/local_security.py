@@ -4,7 +4,8 @@ Two users exist: ``admin``, the broker itself and the only super user, and the
 ``beamstream`` service user every Beamstream client runs as, allowed only on the
 deployment's prefixed topics, consumer groups and transactional ids (and on topics
 outside the prefix only where an operator grants :func:`read_topic_acls`, such as a
-beamline's Bluesky document topics).
+beamline's Bluesky document topics; :func:`publish_topic_acls` are the beamline
+Publisher's, on its own user).
 
 Passwords come from files (``BEAMSTREAM_LOCAL_KAFKA_ADMIN_PASSWORD_FILE``,
 ``BEAMSTREAM_SASL_PASSWORD[_FILE]``) or are generated on first start into
@@ -146,23 +147,35 @@ def service_acls(prefix: str, user: str = LOCAL_SERVICE_USER) -> list:
     return bindings
 
 
+def _literal_topic_acls(topics: Iterable[str], user: str, operations: Iterable) -> list:
+    """``operations`` (AclOperations) allowed to ``user`` on each of ``topics``, by literal name."""
+    from confluent_kafka.admin import AclBinding, AclPermissionType, ResourcePatternType, ResourceType
+
+    return [AclBinding(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, f"User:{user}", "*", operation,
+                       AclPermissionType.ALLOW)
+            for topic in dict.fromkeys(topics) for operation in operations]
+
+
 def read_topic_acls(topics: Iterable[str], user: str = LOCAL_SERVICE_USER) -> list:
     """ACLs that let a service user read topics it does not own, outside the deployment's prefix: Read and
     Describe on each topic by its literal name, nothing else. The Bluesky bridge needs these on the beamline's
     document topics (bluesky-kafka names them ``<beamline>.bluesky.runengine.documents``); its consumer group,
     transactional ids and output topics are under the prefix (:func:`service_acls`).
     docker/kafka/setup-bluesky.sh grants the same in compose."""
-    from confluent_kafka.admin import (
-        AclBinding,
-        AclOperation,
-        AclPermissionType,
-        ResourcePatternType,
-        ResourceType,
-    )
+    from confluent_kafka.admin import AclOperation
 
-    return [AclBinding(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, f"User:{user}", "*", operation,
-                       AclPermissionType.ALLOW)
-            for topic in dict.fromkeys(topics) for operation in (AclOperation.READ, AclOperation.DESCRIBE)]
+    return _literal_topic_acls(topics, user, (AclOperation.READ, AclOperation.DESCRIBE))
+
+
+def publish_topic_acls(topics: Iterable[str], user: str) -> list:
+    """ACLs that let a producer outside Beamstream write topics by their literal names, and nothing else: Write
+    and Describe on each topic. No Read, no other topic, no group, no transactional id, and no IdempotentWrite:
+    since Kafka 2.8 (KIP-679) Write on a topic lets an idempotent producer (``enable.idempotence``,
+    bluesky-kafka's recommended Publisher configuration) get its producer id. A beamline's bluesky-kafka
+    Publisher gets these on its document topic; docker/kafka/setup-bluesky.sh grants the same in compose."""
+    from confluent_kafka.admin import AclOperation
+
+    return _literal_topic_acls(topics, user, (AclOperation.WRITE, AclOperation.DESCRIBE))
 
 
 def grant_service_user(admin, settings: Settings, password: str, timeout: float = 30.0,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot `bluesky-setup` service (compose profile `bluesky`): the beamline's Bluesky document topic, which
-# its RunEngine's bluesky-kafka Publisher writes and `beamstream bluesky-bridge` reads, and the bridge's right
-# to read it. Run on every `up` of the profile; each step is idempotent.
+# its RunEngine's bluesky-kafka Publisher writes and `beamstream bluesky-bridge` reads, the bridge's right to
+# read it, and the Publisher's Kafka user with its right to write it. Run on every `up` of the profile (so a
+# changed password in .env is applied by the next `up`); each step is idempotent.
 #
 #   - Creates BLUESKY_DOCUMENT_TOPIC if it is missing (the bridge refuses to start without it, and this
 #     broker creates no topic on first write), with one partition: a Publisher keys every document with its
@@ -12,16 +13,17 @@
 #     bridge touches is under the topic prefix, which setup-security.sh grants: group <prefix>bluesky-bridge,
 #     transactional ids <prefix>bluesky-bridge-*, <prefix>bluesky-bridge-changelog, and writes to images,
 #     collections and deadletter.
-#
-# The beamline's Publisher logs in as a Kafka user of its own, which needs Write and Describe on the topic;
-# that user is not created here.
+#   - Sets the SCRAM-SHA-512 credential of the beamline's Publisher (BLUESKY_PUBLISHER_USER, password from the
+#     compose secret kafka_bluesky_publisher_password, KAFKA_BLUESKY_PUBLISHER_PASSWORD in .env) and lets it
+#     Write and Describe the topic, by its literal name: beamstream/operations/local_security.publish_topic_acls.
+#     Nothing else: it may not read the topic, write any other, or use a group or a transactional id. An
+#     idempotent Publisher (enable.idempotence, bluesky-kafka's recommended producer_config) needs no
+#     IdempotentWrite on the cluster: since Kafka 2.8 (KIP-679) Write on a topic is enough.
 set -euo pipefail
 
-# The image's Kafka tools; overridable so that tests/unit/test_compose.py can run this against stand-ins.
-bin="${IMAGE_KAFKA_HOME:-/opt/kafka}/bin"
-bootstrap="${BEAMSTREAM_BOOTSTRAP_SERVERS:?}"
-admin_config="${ADMIN_CLIENT_CONFIG:?}"
+me=bluesky-setup
 service_user="${BEAMSTREAM_SASL_USERNAME:?}"
+publisher_user="${BLUESKY_PUBLISHER_USER:?}"
 replicas="${BEAMSTREAM_REPLICATION_FACTOR:-1}"
 topic="${BLUESKY_DOCUMENT_TOPIC:?}"
 
@@ -32,9 +34,15 @@ if ! [[ "$topic" =~ ^[A-Za-z0-9._-]{1,249}$ ]] || [ "$topic" = . ] || [ "$topic"
     exit 1
 fi
 
+# bin, secrets and the scram_user and allow steps, shared with setup-security.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/scram-users.sh"
+
+# First: a .env from before this user (no KAFKA_BLUESKY_PUBLISHER_PASSWORD) stops here, before any change.
+scram_user "$publisher_user" "$secrets/kafka_bluesky_publisher_password"
 "$bin/kafka-topics.sh" --bootstrap-server "$bootstrap" --command-config "$admin_config" \
     --create --if-not-exists --topic "$topic" --partitions 1 --replication-factor "$replicas" >/dev/null
-"$bin/kafka-acls.sh" --bootstrap-server "$bootstrap" --command-config "$admin_config" \
-    --add --allow-principal "User:$service_user" --operation Read --operation Describe --topic "$topic" >/dev/null
+allow "$service_user" --operation Read --operation Describe --topic "$topic"
+allow "$publisher_user" --operation Write --operation Describe --topic "$topic"
 
-echo "bluesky-setup: document topic $topic in place; $service_user may read and describe it"
+echo "$me: document topic $topic in place; $service_user may read and describe it, $publisher_user" \
+     "may write and describe it"

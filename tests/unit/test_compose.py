@@ -48,6 +48,7 @@ SECRETS = {
     "KAFKA_BEAMSTREAM_PASSWORD": "service-password-for-tests",
     "KAFKA_REGISTRY_PASSWORD": "registry-password-for-tests",
     "KAFKA_UI_PASSWORD": "kafka-ui-password-for-tests",
+    "KAFKA_BLUESKY_PUBLISHER_PASSWORD": "publisher-password-for-tests",
     "DASHBOARD_TOKENS": "staff:token-for-tests",
     "GRAFANA_ADMIN_PASSWORD": "grafana-password-for-tests",
 }
@@ -259,6 +260,30 @@ def test_published_ports_bind_loopback_only() -> None:
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
 
+def kafka_host_listener(compose: dict) -> tuple[str, str]:
+    """(the kafka service's one published port mapping, HOST's advertised host:port)."""
+    kafka = compose["services"]["kafka"]
+    [published] = kafka["ports"]
+    advertised = dict(item.split("://") for item in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    listeners = dict(item.split("://") for item in kafka["environment"]["KAFKA_LISTENERS"].split(","))
+    assert published.rsplit(":", 1)[1] == listeners["HOST"].rsplit(":", 1)[1], "the port published is not HOST's"
+    assert advertised["INTERNAL"] == "kafka:19092"  # the containers' listener never follows the host's variables
+    return published, advertised["HOST"]
+
+
+def test_the_host_listener_is_on_loopback_unless_the_operator_publishes_it() -> None:
+    """KAFKA_HOST_ADDRESS publishes Kafka's host listener for the beamline's RunEngine host, and
+    KAFKA_HOST_ADVERTISED is where its clients are told to reconnect; both default to loopback."""
+    assert kafka_host_listener(load_compose()) == ("127.0.0.1:9092:9092", "127.0.0.1:9092")
+    beamline = load_compose({**SECRETS, "KAFKA_HOST_ADDRESS": "172.23.8.4",
+                             "KAFKA_HOST_ADVERTISED": "i03-kafka.diamond.ac.uk:9092"})
+    assert kafka_host_listener(beamline) == ("172.23.8.4:9092:9092", "i03-kafka.diamond.ac.uk:9092")
+    # Only Kafka's host listener moves: every other port stays on loopback.
+    for name, service in beamline["services"].items():
+        if name != "kafka":
+            assert all(str(port).startswith("127.0.0.1:") for port in service.get("ports", [])), name
+
+
 def test_kafka_authenticates_every_listener_and_acls_decide() -> None:
     kafka = load_compose()["services"]["kafka"]
     properties = server_properties(kafka["environment"])
@@ -321,9 +346,17 @@ def test_secret_files_are_mounted_where_they_are_read() -> None:
         wanted = {m for v in environ.values() for m in re.findall(r"/run/secrets[/:]+(\w+)", v)}
         assert wanted <= set(service.get("secrets", [])), f"{name} reads secrets it is not given"
         assert set(service.get("secrets", [])) <= set(compose["secrets"]), name
-    script = (KAFKA_SCRIPTS / "setup-security.sh").read_text()
-    used = set(re.findall(r"\$secrets/(\w+)", script))
-    assert used and used | {"kafka_admin_password"} == set(compose["services"]["kafka-security"]["secrets"])
+    # What each setup script reads from $secrets, besides admin's (its --command-config) and, for bluesky-setup,
+    # the service user's (named by beamstream.env, so it must exist there).
+    for script, service, also in (("setup-security.sh", "kafka-security", set()),
+                                  ("setup-bluesky.sh", "bluesky-setup", {"kafka_beamstream_password"})):
+        used = set(re.findall(r"\$secrets/(\w+)", (KAFKA_SCRIPTS / script).read_text()))
+        assert used and used | {"kafka_admin_password"} | also == set(compose["services"][service]["secrets"]), script
+    assert "kafka_bluesky_publisher_password" in compose["services"]["bluesky-setup"]["secrets"]
+    # Only the setup step gets the Publisher's password: no Beamstream service logs in as the Publisher.
+    holders = {name for name, s in compose["services"].items() if "kafka_bluesky_publisher_password" in s.get(
+        "secrets", [])}
+    assert holders == {"bluesky-setup"}
 
 
 def test_kafka_users_are_the_ones_the_security_setup_grants() -> None:
@@ -572,16 +605,17 @@ def test_kafka_start_refuses_what_would_not_work(tmp_path: Path) -> None:
     assert not (tmp_path / "started").exists()
 
 
-def _run_setup(tmp_path: Path, service: str, compose: dict | None = None,
+def _run_setup(tmp_path: Path, service: str, compose: dict | None = None, env: Mapping[str, str] = SECRETS,
                ) -> tuple[subprocess.CompletedProcess, dict[str, str], dict[str, list[str]]]:
-    """Run a one-shot setup service's script (its compose command) with its compose environment and secrets,
-    against stand-ins of the Kafka tools: (the run, its environment, {tool: one line of arguments per call})."""
-    compose = compose or load_compose()
+    """Run a one-shot setup service's script (its compose command) with its compose environment and secrets
+    (from ``env``, the .env), against stand-ins of the Kafka tools: (the run, its environment, {tool: one line
+    of arguments per call})."""
+    compose = compose or load_compose(env)
     setup = compose["services"][service]
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     for name in setup["secrets"]:
-        (secrets / name).write_text(SECRETS[compose["secrets"][name]["environment"]])
+        (secrets / name).write_text(env.get(compose["secrets"][name]["environment"], ""))
     tools = ("kafka-configs.sh", "kafka-acls.sh", "kafka-topics.sh")
     for tool in tools:
         # Records each call's arguments, one line per call, and what a --add-config-file held.
@@ -674,7 +708,8 @@ def test_bluesky_setup_creates_the_document_topic_and_grants_only_reading_it(tmp
     done, environ, calls = _run_setup(tmp_path, "bluesky-setup")
     assert done.returncode == 0, done.stderr
     topic, user = environ["BLUESKY_DOCUMENT_TOPIC"], environ[f"{ENV_PREFIX}SASL_USERNAME"]
-    assert topic == "i03.bluesky.runengine.documents" and calls["kafka-configs.sh"] == []
+    publisher = environ["BLUESKY_PUBLISHER_USER"]
+    assert topic == "i03.bluesky.runengine.documents" and publisher == "bluesky-publisher"
     [create] = [line.split() for line in calls["kafka-topics.sh"]]
     # Created once, never altered: an existing topic keeps the beamline's partitions and retention.
     assert create[create.index("--topic") + 1] == topic and "--create" in create and "--if-not-exists" in create
@@ -683,10 +718,52 @@ def test_bluesky_setup_creates_the_document_topic_and_grants_only_reading_it(tmp
     for call in [create, *(line.split() for line in calls["kafka-acls.sh"])]:
         assert call[call.index("--command-config") + 1] == "/opt/beamstream/admin-client.properties"
         assert call[call.index("--bootstrap-server") + 1] == environ[f"{ENV_PREFIX}BOOTSTRAP_SERVERS"]
-    # Read and Describe on that one topic, as the local cluster's read_topic_acls: nothing more.
-    assert granted_acls(calls["kafka-acls.sh"]) == local_acls(local_security.read_topic_acls([topic], user))
+    # Read and Describe on that one topic, as the local cluster's read_topic_acls: nothing more; the Publisher's
+    # grants are the next test's.
+    grants = granted_acls(calls["kafka-acls.sh"])
+    assert {g for g in grants if g[0] == f"User:{user}"} == local_acls(local_security.read_topic_acls([topic], user))
+    assert {g[0] for g in grants} == {f"User:{user}", f"User:{publisher}"}
     for secret in SECRETS.values():
         assert secret not in "\n".join(calls["kafka-topics.sh"] + calls["kafka-acls.sh"]) + done.stdout + done.stderr
+
+
+def test_bluesky_setup_gives_the_publisher_its_credential_and_only_writing_the_topic(tmp_path: Path) -> None:
+    """The beamline's Publisher: its SCRAM credential from its secret file, through a 0600 file and never a command
+    line; Write and Describe on the document topic (local_security.publish_topic_acls), so it may not read the
+    topic, write another, or touch a group, a transactional id or the cluster."""
+    compose = load_compose({**SECRETS, "BLUESKY_DOCUMENT_TOPIC": "i24.bluesky.runengine.documents"})
+    done, environ, calls = _run_setup(tmp_path, "bluesky-setup", compose)
+    assert done.returncode == 0, done.stderr
+    topic, publisher = environ["BLUESKY_DOCUMENT_TOPIC"], environ["BLUESKY_PUBLISHER_USER"]
+    [configs] = [line.split() for line in calls["kafka-configs.sh"]]
+    assert configs[configs.index("--entity-name") + 1] == publisher and "--alter" in configs
+    assert configs[configs.index("--command-config") + 1] == environ["ADMIN_CLIENT_CONFIG"]
+    password = SECRETS["KAFKA_BLUESKY_PUBLISHER_PASSWORD"]
+    assert (tmp_path / "scram.added").read_text().splitlines() == [f"SCRAM-SHA-512=password={password}"]
+    assert password not in "\n".join(sum(calls.values(), [])) + done.stdout + done.stderr
+    assert list(Path(environ["TMPDIR"]).iterdir()) == [], "the file that held the password was left behind"
+    principal = f"User:{publisher}"
+    mine = {g for g in granted_acls(calls["kafka-acls.sh"]) if g[0] == principal}
+    assert mine == local_acls(local_security.publish_topic_acls([topic], publisher))
+    assert mine == {(principal, "TOPIC", topic, "LITERAL", "WRITE"), (principal, "TOPIC", topic, "LITERAL", "DESCRIBE")}
+    assert acl_allows(mine, principal, "TOPIC", topic, "WRITE")
+    assert not acl_allows(mine, principal, "TOPIC", topic, "READ")
+    assert not acl_allows(mine, principal, "TOPIC", "i03.bluesky.runengine.documents", "WRITE")
+    assert not acl_allows(mine, principal, "TOPIC", f"{environ[f'{ENV_PREFIX}TOPIC_PREFIX']}images", "WRITE")
+
+
+def test_bluesky_setup_stops_before_any_change_without_the_publishers_password(tmp_path: Path) -> None:
+    """A docker/.env from before the Publisher's user: one line naming the secret file (and new-env), nothing done."""
+    for old_env in ({k: v for k, v in SECRETS.items() if k != "KAFKA_BLUESKY_PUBLISHER_PASSWORD"},  # empty file
+                    {**SECRETS, "KAFKA_BLUESKY_PUBLISHER_PASSWORD": "too-short"}):
+        (tmp_path / "run").mkdir()
+        done, _, calls = _run_setup(tmp_path / "run", "bluesky-setup", env=old_env)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("bluesky-setup: /") and "kafka_bluesky_publisher_password must hold" in \
+            done.stderr and "docker/new-env" in done.stderr
+        assert "too-short" not in done.stderr
+        assert calls == {"kafka-configs.sh": [], "kafka-acls.sh": [], "kafka-topics.sh": []}
+        shutil.rmtree(tmp_path / "run")
 
 
 @pytest.mark.parametrize("topic", ["i03 documents", "..", "i03/documents"])
@@ -769,7 +846,7 @@ def compose_config(compose_file: Path, tmp_path: Path, environ: Mapping[str, str
     empty = tmp_path / "empty.env"
     empty.write_text("")
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("COMPOSE_") and k not in SECRETS and not k.startswith("BLUESKY_")}
+           if not k.startswith(("COMPOSE_", "BLUESKY_", "KAFKA_HOST_")) and k not in SECRETS}
     options = [arg for profile in profiles for arg in ("--profile", profile)]
     return subprocess.run([*COMPOSE_CLI, "--env-file", str(empty), "-f", str(compose_file), *options, "config",
                            "--format", "json"], env={**env, **environ}, capture_output=True, text=True, timeout=60)
@@ -795,6 +872,13 @@ def test_docker_compose_config_accepts_it(tmp_path: Path) -> None:
     kafka = normalised["services"]["kafka"]["environment"]
     jaas = kafka["KAFKA_LISTENER_NAME_INTERNAL_SCRAM___SHA___512_SASL_JAAS_CONFIG"]
     assert "{secrets:/run/secrets:kafka_admin_password}" in jaas and SECRETS["KAFKA_ADMIN_PASSWORD"] not in jaas
+    # The beamline's address for Kafka's host listener, as Compose itself reads it.
+    done = compose_config(COMPOSE, tmp_path, {**SECRETS, "KAFKA_HOST_ADDRESS": "172.23.8.4",
+                                              "KAFKA_HOST_ADVERTISED": "i03-kafka.diamond.ac.uk:9092"})
+    assert done.returncode == 0, done.stderr
+    kafka = json.loads(done.stdout)["services"]["kafka"]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in kafka["ports"]] == [("172.23.8.4", "9092", 9092)]
+    assert kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"].endswith(",HOST://i03-kafka.diamond.ac.uk:9092")
 
 
 @needs_compose
