@@ -178,18 +178,23 @@ def publish_topic_acls(topics: Iterable[str], user: str) -> list:
     return _literal_topic_acls(topics, user, (AclOperation.WRITE, AclOperation.DESCRIBE))
 
 
+def set_scram_credential(admin, user: str, password: str, timeout: float = 30.0) -> None:
+    """Create (or update) ``user``'s SCRAM-SHA-512 credential (idempotent); raises KafkaException."""
+    from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+
+    upsert = UserScramCredentialUpsertion(
+        user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS), password.encode())
+    for future in admin.alter_user_scram_credentials([upsert], request_timeout=timeout).values():
+        future.result()
+
+
 def grant_service_user(admin, settings: Settings, password: str, timeout: float = 30.0,
                        user: str = LOCAL_SERVICE_USER) -> None:
     """Create (or update) a service user's SCRAM credential and its ACLs (:func:`service_acls`); both calls
     are idempotent. ``user`` is the ``beamstream`` service user unless another is named (a second
     deployment's, a test's)."""
-    from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
-
-    upsert = UserScramCredentialUpsertion(
-        user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS), password.encode())
     try:
-        for future in admin.alter_user_scram_credentials([upsert], request_timeout=timeout).values():
-            future.result()
+        set_scram_credential(admin, user, password, timeout)
         for future in admin.create_acls(service_acls(settings.topic_prefix, user), request_timeout=timeout).values():
             future.result()
     except Exception as exc:  # KafkaException: say which step, never the password

@@ -15,7 +15,6 @@ import bluesky.plans as bp
 import pytest
 from bluesky.run_engine import RunEngine
 from bluesky_kafka import Publisher
-from event_model import compose_run
 from ophyd_async import sim
 from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
 
@@ -26,7 +25,7 @@ from beamstream.platform.settings import Settings, load_settings
 from beamstream.platform.topics import topic_name
 from beamstream.producers.bluesky_beamline import create_document_topic
 from beamstream.schemas.serde import make_serde
-from tests.helpers.bluesky import PUBLISHER_KEY, publisher_for
+from tests.helpers.bluesky import PUBLISHER_KEY, SmallRun, publisher_for
 from tests.helpers.cli_run import one_line_error, run_cli
 from tests.helpers.faults import fault_random, record_fault
 from tests.helpers.harness import ServiceProcess, TopicReader, free_port_pair
@@ -204,36 +203,21 @@ def test_a_bridge_killed_mid_run_and_restarted_announces_every_image_once(settin
 def test_bad_documents_go_to_the_dead_letter_topic_and_the_run_around_them_is_translated(
         settings, beamline, document_topic):
     dcid, data = 9103, str(beamline.data_dir)
-    run = compose_run(metadata={"dcid": dcid, "detectors": ["det"], "num_points": 2, "experiment_type": "other"})
-    descriptor = run.compose_descriptor(name="primary", data_keys={
-        "det": {"dtype": "array", "shape": [1, 8, 8], "source": "sim", "external": "STREAM:"},
-        "x": {"dtype": "number", "shape": [], "source": "sim", "units": "mm"},
-    }, object_keys={"det": ["det"], "x": ["x"]})
-    resource = run.compose_stream_resource(mimetype="application/x-hdf5", uri=f"file://localhost{data}/run.h5",
-                                           data_key="det", parameters={})
-    unknown = run.compose_stream_resource(mimetype="application/x-hdf5", uri=f"file://localhost{data}/z.h5",
-                                          data_key="mystery-det", parameters={})
-    outside = run.compose_stream_resource(mimetype="application/x-hdf5", uri="file://localhost/elsewhere/run.h5",
-                                          data_key="det", parameters={})
-    orphan = {**descriptor.compose_event(data={"x": 0.5}, timestamps={"x": 0.0}), "descriptor": "never-described"}
-
-    def datum_and_event(index: int) -> list[tuple[str, dict]]:
-        datum = resource.compose_stream_datum(indices={"start": index, "stop": index + 1},
-                                              descriptor=descriptor.descriptor_doc)
-        event = descriptor.compose_event(data={"x": 1.0 + index}, timestamps={"x": 0.0})
-        return [("stream_datum", datum), ("event", event)]
+    run = SmallRun(dcid, data)
+    unknown = run.resource_of("mystery-det", f"{data}/z.h5")
+    outside = run.resource_of("det", "/elsewhere/run.h5")
+    orphan = {**run.descriptor.compose_event(data={"x": 0.5}, timestamps={"x": 0.0}), "descriptor": "never-described"}
 
     publisher = publisher_for(settings, document_topic)
     garbage = make_producer(settings)
-    for name, doc in [("start", run.start_doc), ("descriptor", descriptor.descriptor_doc),
-                      ("stream_resource", resource.stream_resource_doc), *datum_and_event(0)]:
+    for name, doc in [*run.opening(), *run.frame(0)]:
         publisher(name, doc)
     publisher.flush()
     garbage.produce(document_topic, b"\x93not a bluesky document", PUBLISHER_KEY.encode())
     garbage.flush(10)
     for name, doc in [("event", orphan), ("stream_resource", unknown.stream_resource_doc),
-                      ("stream_resource", outside.stream_resource_doc), *datum_and_event(1),
-                      ("stop", run.compose_stop())]:
+                      ("stream_resource", outside.stream_resource_doc), *run.frame(1),
+                      ("stop", run.run.compose_stop())]:
         publisher(name, doc)
 
     reader = TopicReader(settings, ["collections", "images", "deadletter"])

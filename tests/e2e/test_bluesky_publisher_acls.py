@@ -18,9 +18,6 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from confluent_kafka.admin import (
     AdminClient,
     NewTopic,
-    ScramCredentialInfo,
-    ScramMechanism,
-    UserScramCredentialUpsertion,
 )
 
 from beamstream.operations import local_security
@@ -36,10 +33,7 @@ def publisher_login(scram_cluster) -> Iterator[tuple[str, dict, AdminClient, lis
     settings, cluster, _ = scram_cluster
     user, password = f"bluesky-publisher-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     admin = AdminClient(cluster.admin_config())
-    upsert = UserScramCredentialUpsertion(
-        user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, local_security.SCRAM_ITERATIONS), password.encode())
-    for future in admin.alter_user_scram_credentials([upsert]).values():
-        future.result(30)
+    local_security.set_scram_credential(admin, user, password)
     topics = [f"i03-{uuid.uuid4().hex[:6]}.bluesky.runengine.documents", f"i04-{uuid.uuid4().hex[:6]}.documents"]
     for future in admin.create_topics([NewTopic(topic, 1, 1) for topic in topics]).values():
         future.result(30)

@@ -32,9 +32,7 @@ def test_demo_prints_heat_map_and_xray_centre(kafka_settings):
     assert "ISPyB: 12 rows for dcid" in out
     # The collection is in ISPyB as the acquisition system would have written it, so `go` can reprocess it.
     dcid = int(out.split("simulated grid scan dcid ")[1].split(":")[0])
-    engine = make_engine(load_settings(environ=service_env(kafka_settings)).database_url)
-    record = read_collection(engine, dcid)
-    engine.dispose()
+    record = _ispyb_collection(kafka_settings, dcid)
     assert (record.number_of_images, record.experiment_type, record.grid["columns"]) == (12, "grid", 4)
     assert "archive manifest: " in out and " files, " in out and "MB, complete)" in out
 
@@ -69,9 +67,7 @@ def test_bluesky_demo_moves_the_motors_to_the_xray_centre(kafka_settings, flag):
     assert crystal == pytest.approx((true_column * 0.02, true_row * 0.02), abs=2e-4)  # printed rounded
     assert "ISPyB: 30 rows for dcid" in out
     dcid = int(out.split("Bluesky grid scan dcid ")[1].split(":")[0])
-    engine = make_engine(load_settings(environ=service_env(kafka_settings)).database_url)
-    record = read_collection(engine, dcid)
-    engine.dispose()
+    record = _ispyb_collection(kafka_settings, dcid)
     assert (record.number_of_images, record.experiment_type, record.grid["columns"]) == (30, "grid", 6)
     assert record.file_template.endswith(f"grid_{dcid}_master.h5")
     assert "archive manifest: " in out and "MB, complete)" in out
@@ -87,3 +83,12 @@ def test_bluesky_demo_without_the_extra_says_what_to_install(kafka_settings):
     assert result.stderr.strip() == ("beamstream demo: error: --bluesky needs the bluesky extra: "
                                      "pip install -e '.[bluesky]' (no module bluesky)")
     assert result.stdout == ""
+
+
+def _ispyb_collection(kafka_settings, dcid: int):
+    """The demo's ISPyB record of collection ``dcid`` (its database is the settings' default)."""
+    engine = make_engine(load_settings(environ=service_env(kafka_settings)).database_url)
+    try:
+        return read_collection(engine, dcid)
+    finally:
+        engine.dispose()

@@ -165,18 +165,12 @@ def topic_only_user(scram_cluster) -> Iterator[tuple[Settings, str]]:
         AclPermissionType,
         ResourcePatternType,
         ResourceType,
-        ScramCredentialInfo,
-        ScramMechanism,
-        UserScramCredentialUpsertion,
     )
 
     settings, cluster, _ = scram_cluster
     user, password = f"limited-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     admin = AdminClient(cluster.admin_config())
-    credential = UserScramCredentialUpsertion(
-        user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, local_security.SCRAM_ITERATIONS), password.encode())
-    for future in admin.alter_user_scram_credentials([credential]).values():
-        future.result(30)
+    local_security.set_scram_credential(admin, user, password)
     allow, principal = AclPermissionType.ALLOW, f"User:{user}"
     acls = [AclBinding(ResourceType.TOPIC, PREFIX, ResourcePatternType.PREFIXED, principal, "*",
                        AclOperation.ALL, allow),
@@ -349,11 +343,11 @@ def test_the_bluesky_bridge_runs_as_the_service_user_once_it_may_read_the_docume
     what compose's bluesky-setup grants) besides the prefix ACLs, it joins its group, restores and writes its
     changelog, and commits its events and a dead letter in transactions."""
     from bluesky_kafka import Publisher
-    from event_model import compose_run
 
     from beamstream.platform.topics import apply_topics
     from beamstream.schemas.keys import parse_dcid_key
     from beamstream.schemas.serde import make_serde
+    from tests.helpers.bluesky import SmallRun
     from tests.helpers.harness import TopicReader
 
     settings, cluster, env = scram_cluster
@@ -374,26 +368,14 @@ def test_the_bluesky_bridge_runs_as_the_service_user_once_it_may_read_the_docume
     publisher = Publisher(topic=topic, bootstrap_servers=settings.kafka_bootstrap, key="i03-re",
                           producer_config={**beamline_login, "enable.idempotence": True}, flush_on_stop_doc=True)
     dcid = 910002
-    run = compose_run(metadata={"dcid": dcid, "detectors": ["det"], "num_points": 2, "experiment_type": "other"})
-    descriptor = run.compose_descriptor(name="primary", data_keys={
-        "det": {"dtype": "array", "shape": [1, 8, 8], "source": "sim", "external": "STREAM:"},
-        "x": {"dtype": "number", "shape": [], "source": "sim", "units": "mm"},
-    }, object_keys={"det": ["det"], "x": ["x"]})
-    resource = run.compose_stream_resource(mimetype="application/x-hdf5", uri=f"file://localhost{tmp_path}/run.h5",
-                                           data_key="det", parameters={})
-    documents = [("start", run.start_doc), ("descriptor", descriptor.descriptor_doc),
-                 ("stream_resource", resource.stream_resource_doc)]
-    for index in range(2):
-        documents += [("stream_datum", resource.compose_stream_datum(indices={"start": index, "stop": index + 1},
-                                                                     descriptor=descriptor.descriptor_doc)),
-                      ("event", descriptor.compose_event(data={"x": 1.0 + index}, timestamps={"x": 0.0}))]
-    for name, doc in documents:
+    run = SmallRun(dcid, str(tmp_path))
+    for name, doc in [*run.opening(), *run.frame(0), *run.frame(1)]:
         publisher(name, doc)
     publisher.flush()
     garbage = Producer({**cluster.admin_config(), "enable.idempotence": True})
     garbage.produce(topic, b"\x93not a bluesky document", b"i03-re")
     assert garbage.flush(30) == 0
-    publisher("stop", run.compose_stop())
+    publisher("stop", run.run.compose_stop())
 
     images = f"{PREFIX}images"  # raw: an undecodable test event of another test is on it
     reader = TopicReader(settings, ["collections", "deadletter"], raw_topics=[images])

@@ -302,13 +302,22 @@ class _AnalysedBar:
 
 def _wait_for_start(reader: TopicReader, dcid: int, timeout: float = 30.0) -> dict:
     """The run's CollectionStarted (the plan had its summary, so it is committed: the reader is catching up)."""
+    started = _first_read(reader, "collections", "CollectionStarted", dcid, timeout)
+    if started is None:
+        raise BeamstreamError(f"the CollectionStarted of dcid {dcid} was not read within {timeout:.0f} s")
+    return started
+
+
+def _first_read(reader: TopicReader, topic: str, record_type: str, dcid: int, timeout: float) -> dict | None:
+    """The first ``record_type`` of ``dcid`` the reader has read from ``topic``, once it has one (None after
+    ``timeout`` seconds)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        started = reader.values("collections", "CollectionStarted", dcid)
-        if started:
-            return started[0]
+        found = reader.values(topic, record_type, dcid)
+        if found:
+            return found[0]
         time.sleep(0.2)
-    raise BeamstreamError(f"the CollectionStarted of dcid {dcid} was not read within {timeout:.0f} s")
+    return None
 
 
 def _print_motors(scan: BlueskyScan) -> None:
@@ -381,13 +390,7 @@ def _wait_for_rows(engine, dcid: int, expected: int, timeout: float = 60.0) -> i
 
 
 def _wait_for_archive(reader: TopicReader, dcid: int, timeout: float = 60.0) -> dict | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = reader.values("archive", "ArchiveComplete", dcid)
-        if done:
-            return done[0]
-        time.sleep(0.3)
-    return None
+    return _first_read(reader, "archive", "ArchiveComplete", dcid, timeout)
 
 
 def _wait_for_summary(reader: TopicReader, dcid: int, n_images: int) -> dict:
